@@ -1,0 +1,309 @@
+"""SiT with REG's entangled class token and REPA's projector (REFERENCE.md section 3).
+
+One class, `SiT`, covers the three models of the REG paper:
+  plain SiT   SiT(..., cls_token=False, projector=False)
+  SiT + REPA  SiT(..., cls_token=False)                  a projector on block `encoder_depth`
+  SiT + REG   SiT(...)                                   + the DINOv2 class token at index 0
+
+Checkpoint compatibility: parameter and buffer names here *are* the official release's names
+(`x_embedder.proj`, `blocks.{i}.attn.qkv`, `cls_projectors2`, `wg_norm`, `final_layer.linear_cls`,
+...), so the `ema` dict of an official REG checkpoint loads with a plain `load_state_dict`; no
+conversion function is needed. `load_weights` below only picks the right dict out of the file.
+
+Usage:
+    model = SiT_models['SiT-XL/2'](input_size=32)
+    v, v_cls, zs = model(x, t, y, cls)   # (N, C, H, W), (N, 768), (N, 1+T, 768)
+"""
+import argparse
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+
+def modulate(x, shift, scale):
+    # x: (N, L, D); shift, scale: (N, D), broadcast over the L tokens.
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t in [0, 1] -> (N, D). Sinusoidal features laid out [cos, sin], then an MLP.
+
+    SiT feeds t as is (no x1000 as in DiT's integer timesteps); the official layout is
+    [cos, sin] (not [sin, cos]), which matters when loading released weights.
+    """
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def sinusoidal(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]  # (N, dim/2)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+    def forward(self, t):
+        features = self.sinusoidal(t, self.frequency_embedding_size)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (N, D). Row `num_classes` is the null label of classifier-free guidance.
+
+    Label dropout (probability `dropout_prob`) happens here and only here, in training mode:
+    the official code's "legacy" flag dropped labels a second time in the training loop.
+    """
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y):
+        if self.training and self.dropout_prob > 0:
+            drop = torch.rand(y.shape[0], device=y.device) < self.dropout_prob
+            y = torch.where(drop, self.num_classes, y)
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        # The fused qkv output is laid out (3, heads, head_dim), as in the official (timm) layer.
+        qkv = rearrange(self.qkv(x), "n l (k h d) -> k n h l d", k=3, h=self.num_heads)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (N, heads, L, head_dim)
+        return self.proj(rearrange(x, "n h l d -> n l (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning on c = t_emb + y_emb."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c):
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        x = x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated LayerNorm, then one Linear for the patches and one for the class token."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear_cls = nn.Linear(hidden_size, cls_dim) if cls_dim else None
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        x = modulate(self.norm_final(x), shift, scale)  # (N, L, D)
+        if self.linear_cls is None:
+            return self.linear(x), None
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])  # (N, T, p*p*C), (N, cls_dim)
+
+
+def build_projector(hidden_size, projector_dim, z_dim):
+    """REPA's projector: a 3-layer MLP from the SiT width to the encoder width."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+def sincos_pos_embed_2d(dim, grid_size):
+    """Fixed 2-D sin-cos position table (grid_size**2, dim), row-major over (h, w).
+
+    The MAE recipe: the first dim/2 channels encode the column (w) coordinate and the last
+    dim/2 the row (h); each half is [sin(pos * omega), cos(pos * omega)], omega_k = 10000^(-k/(dim/4)).
+    Computed in float64 like the official numpy code, then rounded to float32.
+    """
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))  # (dim/4,)
+    h, w = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                          torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+
+    def encode(pos):  # (grid, grid) -> (grid*grid, dim/2)
+        angles = pos.reshape(-1, 1) * omega[None]
+        return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+    return torch.cat([encode(w), encode(h)], dim=1).float()  # (grid*grid, dim)
+
+
+class ModelOutput(NamedTuple):
+    v: torch.Tensor                  # (N, C, H, W) latent velocity
+    v_cls: Optional[torch.Tensor]    # (N, cls_dim) class-token velocity, None without the token
+    zs: Optional[torch.Tensor]       # (N, 1+T, z_dim) projector outputs, None when not computed
+
+
+class SiT(nn.Module):
+    """Scalable interpolant transformer with REG's entangled class token.
+
+    input_size: latent side (32 for 256x256 images with the SD-VAE); in_channels: C.
+    cls_token: prepend the (noised) DINOv2 class token and predict its velocity (REG).
+    projector: REPA's projector on the output of block `encoder_depth` (1-indexed).
+    z_dim: width of the encoder tokens (768 for DINOv2-B), used by both REG heads.
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                 encoder_depth=8, z_dim=768, projector_dim=2048, cls_token=True, projector=True):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if projector and not 1 <= encoder_depth <= depth:
+            raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
+        self.in_channels = in_channels
+        self.patch_size = patch_size
+        self.num_classes = num_classes
+        self.encoder_depth = encoder_depth
+        self.cls_token = cls_token
+        self.grid_size = input_size // patch_size
+        num_extra = 1 if cls_token else 0
+
+        self.x_embedder = nn.Module()  # named like timm's PatchEmbed so `x_embedder.proj` matches
+        self.x_embedder.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        if cls_token:
+            self.cls_projectors2 = nn.Linear(z_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)  # with affine weights, unlike the blocks
+        # Not trained; a buffer (saved under the official key) rather than a frozen Parameter, so
+        # optimizers and DDP never see it. The class-token row is zero: that token has no position.
+        pos = sincos_pos_embed_2d(hidden_size, self.grid_size)
+        pos = torch.cat([torch.zeros(num_extra, hidden_size), pos])[None]  # (1, extra+T, D)
+        self.register_buffer("pos_embed", pos)
+
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if projector:
+            self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z_dim)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, z_dim if cls_token else None)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def xavier(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.apply(xavier)
+        # The patch embedding is a Linear on flattened patches, so initialise it like one.
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        # adaLN-Zero: zero gates make every block start as the identity, and zero output layers
+        # make a fresh model predict exactly zero velocity for both the latent and the token.
+        zeroed = [block.adaLN_modulation[-1] for block in self.blocks]
+        zeroed += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.cls_token:
+            zeroed.append(self.final_layer.linear_cls)
+        for layer in zeroed:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        # (N, T, p*p*C) -> (N, C, H, W); tokens are row-major over the (h, w) patch grid.
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)",
+                         h=self.grid_size, p=self.patch_size, q=self.patch_size)
+
+    def forward(self, x, t, y, cls=None, return_zs=None):
+        """x: (N, C, H, W) noisy latent; t: (N,) time in [0, 1]; y: (N,) labels (num_classes = null);
+        cls: (N, z_dim) noisy class token, required iff the model has one.
+        return_zs: run the projector (a training-only head); by default only in training mode.
+        """
+        if (cls is None) == self.cls_token:
+            raise ValueError("pass cls= exactly when the model was built with cls_token=True")
+        if return_zs is None:
+            return_zs = self.training
+        h = rearrange(self.x_embedder.proj(x), "n d h w -> n (h w) d")  # (N, T, D)
+        if self.cls_token:
+            token = self.wg_norm(self.cls_projectors2(cls))  # (N, D)
+            h = torch.cat([token.unsqueeze(1), h], dim=1)  # (N, 1+T, D)
+        h = h + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+
+        zs = None
+        for i, block in enumerate(self.blocks, start=1):
+            h = block(h, c)
+            if i == self.encoder_depth and return_zs and hasattr(self, "projectors"):
+                zs = self.projectors[0](h)  # (N, 1+T, z_dim): all tokens, the class slot included
+        patches, v_cls = self.final_layer(h, c)
+        return ModelOutput(self.unpatchify(patches), v_cls, zs)
+
+
+# Sizes. S is not reported by REG; encoder_depth 4 is our choice (REFERENCE section 3).
+# The official S configs are broken (a head-width mismatch); these are not.
+SIZES = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, encoder_depth=8),
+}
+
+
+def _constructor(size, patch_size):
+    def build(**kwargs):
+        return SiT(**{**SIZES[size], "patch_size": patch_size, **kwargs})
+    build.__name__ = f"SiT_{size}_{patch_size}"
+    return build
+
+
+SiT_models = {f"SiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (2, 4, 8)}
+
+
+def load_weights(path, prefer_ema=True):
+    """The model state dict of a checkpoint file written by train.py or by the official release.
+
+    Both are dicts with keys `model`, `ema`, `opt`, `args`, `steps`; `args` is an argparse
+    Namespace, which `weights_only` loading must be told is safe.
+    """
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint dict")
+    state = next((ckpt[k] for k in (("ema", "model") if prefer_ema else ("model", "ema")) if k in ckpt), ckpt)
+    # Weights saved from a DDP-wrapped or torch.compile'd model carry these prefixes.
+    for prefix in ("module.", "_orig_mod."):
+        state = {k.removeprefix(prefix): v for k, v in state.items()}
+    return state
