@@ -16,6 +16,7 @@ Usage:
 """
 import argparse
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -273,8 +274,10 @@ class SiT(nn.Module):
 
 
 # Sizes. S is not reported by REG; encoder_depth 4 is our choice (REFERENCE section 3).
-# The official S configs are broken (a head-width mismatch); these are not.
+# The official S configs are broken (a head-width mismatch); these are not. T (tiny) is ours:
+# it makes the built-in offline run train in minutes on a laptop CPU.
 SIZES = {
+    "T": dict(depth=6, hidden_size=192, num_heads=3, encoder_depth=2, projector_dim=768),
     "S": dict(depth=12, hidden_size=384, num_heads=6, encoder_depth=4),
     "B": dict(depth=12, hidden_size=768, num_heads=12, encoder_depth=4),
     "L": dict(depth=24, hidden_size=1024, num_heads=16, encoder_depth=8),
@@ -292,16 +295,25 @@ def _constructor(size, patch_size):
 SiT_models = {f"SiT-{size}/{p}": _constructor(size, p) for size in SIZES for p in (2, 4, 8)}
 
 
-def load_weights(path, prefer_ema=True):
-    """The model state dict of a checkpoint file written by train.py or by the official release.
+def read_checkpoint(path):
+    """A checkpoint file written by train.py or by the official release, as a dict.
 
-    Both are dicts with keys `model`, `ema`, `opt`, `args`, `steps`; `args` is an argparse
-    Namespace, which `weights_only` loading must be told is safe.
+    Both hold `model`, `ema`, `opt`, `args`, `steps`; `args` is an argparse Namespace, which
+    `weights_only` loading (no arbitrary code from the file) must be told is safe.
     """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: give the path of a .pt file written by "
+                                "train.py (runs/<exp>/checkpoints/) or an official REG checkpoint")
     torch.serialization.add_safe_globals([argparse.Namespace])
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a checkpoint dict")
+    return ckpt
+
+
+def load_weights(path, prefer_ema=True):
+    """The model state dict of a checkpoint file: its EMA weights by default (used for sampling)."""
+    ckpt = read_checkpoint(path)
     state = next((ckpt[k] for k in (("ema", "model") if prefer_ema else ("model", "ema")) if k in ckpt), ckpt)
     # Weights saved from a DDP-wrapped or torch.compile'd model carry these prefixes.
     for prefix in ("module.", "_orig_mod."):
