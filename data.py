@@ -1,0 +1,452 @@
+"""Training data for REG: ImageNet prepared once into memmaps, a built-in toy dataset, a resumable loader.
+
+REFERENCE §2 and §5: images are center-cropped as in ADM and stored as uint8; the SD-VAE posterior
+moments (mean, std) of every image are computed once and stored in float32, so that each training
+step can sample the posterior (train.py does that) without running the VAE encoder.
+
+Prepare ImageNet (ILSVRC train layout: one folder per synset), on one GPU or on eight:
+
+    python data.py prepare --src /imagenet/train --dst /data/imagenet256
+    torchrun --nproc_per_node=8 data.py prepare --src /imagenet/train --dst /data/imagenet256
+
+The run is restartable: rerunning the same command after an interruption only does the missing
+chunks, and rerunning it over a finished dataset does nothing. On-disk format of `dst`
+(N = number of source files, C = VAE latent channels, h = w = resolution / VAE downsample):
+
+    images.npy    (N, 3, R, R) uint8     ADM center crop
+    moments.npy   (N, 2C, h, w) float32  posterior mean then std along channels
+    labels.npy    (N,) int64             index of the synset in the sorted folder names
+    valid.npy     (N,) bool              False for files that could not be decoded
+    files.txt     N lines "synset/file", the source of each row
+    skipped.txt   one line per unreadable file: "synset/file<TAB>error"
+    manifest.json resolution, vae, latent_channels, downsample, scaling_factor, count, ...
+    progress/     per-chunk markers of the run (kept so a rerun knows what is done)
+"""
+import argparse
+import datetime
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+FORMAT_VERSION = 1
+
+
+def center_crop_arr(pil_image, image_size):
+    """ADM center crop: (H, W, 3) uint8 array whose shorter side was resized to image_size."""
+    # Grayscale, CMYK, palette and RGBA all become plain RGB (alpha is dropped, as in ADM).
+    image = pil_image.convert("RGB")
+    # Halve with a box filter while the image is at least twice too big: cheap and alias-free,
+    # and it keeps the final bicubic step close to a 1-2x resize, as the ADM pipeline does.
+    while min(image.size) >= 2 * image_size:
+        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
+    scale = image_size / min(image.size)
+    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
+    array = np.asarray(image)  # (H, W, 3)
+    top = (array.shape[0] - image_size) // 2
+    left = (array.shape[1] - image_size) // 2
+    return array[top:top + image_size, left:left + image_size]
+
+
+# ----------------------------------------------------------------------------- preparation
+
+def list_image_folder(src):
+    """ILSVRC layout -> (relative file paths, labels, class names); everything sorted."""
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--src {src} is not a folder; point it at ImageNet's train/ folder")
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    class_names = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
+    if not class_names:
+        raise FileNotFoundError(f"--src {src} has no class folders; expected one folder per synset")
+    files, labels = [], []
+    for label, name in enumerate(class_names):
+        for entry in sorted(os.scandir(os.path.join(src, name)), key=lambda e: e.name):
+            if entry.is_file() and os.path.splitext(entry.name)[1].lower() in extensions:
+                files.append(f"{name}/{entry.name}")
+                labels.append(label)
+    return files, np.array(labels, dtype=np.int64), class_names
+
+
+class _ImageFiles(Dataset):
+    """Decode + crop in DataLoader workers; an unreadable file gives zeros and its error message."""
+
+    def __init__(self, src, files, resolution):
+        self.src, self.files, self.resolution = src, files, resolution
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, row):
+        try:
+            with Image.open(os.path.join(self.src, self.files[row])) as image:
+                array = center_crop_arr(image, self.resolution).transpose(2, 0, 1)  # (3, R, R)
+            error = ""
+        except Exception as e:  # any decoder failure means "skip this file and report it"
+            array = np.zeros((3, self.resolution, self.resolution), dtype=np.uint8)
+            error = f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
+        return row, torch.from_numpy(np.ascontiguousarray(array)), error
+
+
+class _Progress:
+    """tqdm when it is installed, else a line every 30 s; silent on ranks other than 0."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.done, self.start, self.last = total, enabled, 0, time.time(), 0.0
+        try:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="img", disable=not enabled)
+        except ImportError:
+            self.bar = None
+
+    def update(self, n):
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.enabled and (time.time() - self.last > 30 or self.done == self.total):
+            self.last = time.time()
+            rate = self.done / max(self.last - self.start, 1e-9)
+            print(f"{self.done}/{self.total} images, {rate:.0f} img/s", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path, text):
+    # Written whole or not at all: a marker must never exist for a half-written chunk.
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _open_arrays(dst, shapes=None):
+    """The three arrays written per row; created with `shapes` ({name: shape}), else opened."""
+    dtypes = {"images": np.uint8, "moments": np.float32, "valid": np.bool_}
+    arrays = {}
+    for name, dtype in dtypes.items():
+        path = os.path.join(dst, f"{name}.npy")
+        if shapes is None:
+            arrays[name] = np.lib.format.open_memmap(path, mode="r+")
+        else:
+            arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shapes[name])
+    return arrays
+
+
+def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, chunk_size=1000,
+            device="cpu", rank=0, world_size=1):
+    """Center-crop and VAE-encode every image of `src` into `dst` (format: module docstring).
+
+    `vae.encode(x)` takes x in [-1, 1] of shape (N, 3, R, R) and returns (mean, std), each
+    (N, C, R/downsample, R/downsample). Under torchrun every rank calls this with its rank; the
+    chunks not yet done are shared out, and rank 0 writes the manifest once all are done.
+    """
+    config = {"format_version": FORMAT_VERSION, "resolution": resolution, "vae": vae_name,
+              "latent_channels": int(vae.latent_channels), "downsample": int(vae.downsample),
+              "scaling_factor": float(vae.scaling_factor), "chunk_size": chunk_size}
+    manifest_path = os.path.join(dst, "manifest.json")
+    progress = os.path.join(dst, "progress")
+    if os.path.exists(manifest_path):
+        _check_same_config(manifest_path, config)
+        if rank == 0:
+            print(f"{dst} is already prepared; nothing to do")
+        return
+    if resolution % config["downsample"]:
+        raise ValueError(f"--resolution {resolution} must be a multiple of the VAE downsample {config['downsample']}")
+    h = resolution // config["downsample"]
+    moment_shape = (2 * config["latent_channels"], h, h)
+
+    # Rank 0 lists the files and creates the arrays; the others read its listing, so that all
+    # ranks agree on which row is which file even if the source folder changes meanwhile.
+    if rank == 0:
+        os.makedirs(progress, exist_ok=True)
+        config_path = os.path.join(progress, "config.json")
+        if os.path.exists(config_path):
+            _check_same_config(config_path, config)
+        else:
+            files, labels, class_names = list_image_folder(src)
+            _write_atomic(os.path.join(dst, "files.txt"), "".join(f + "\n" for f in files))
+            _write_atomic(os.path.join(dst, "classes.txt"), "".join(c + "\n" for c in class_names))
+            np.save(os.path.join(dst, "labels.npy"), labels)
+            n = len(files)
+            _open_arrays(dst, {"images": (n, 3, resolution, resolution), "moments": (n, *moment_shape),
+                               "valid": (n,)})
+            _write_atomic(config_path, json.dumps(config))
+    _barrier()
+    with open(os.path.join(dst, "files.txt")) as f:
+        files = f.read().splitlines()
+    arrays = _open_arrays(dst)
+    n = len(files)
+    num_chunks = (n + chunk_size - 1) // chunk_size
+
+    def marker(k):
+        return os.path.join(progress, f"chunk_{k:06d}.json")
+
+    pending = [k for k in range(num_chunks) if not os.path.exists(marker(k))]
+    mine = pending[rank::world_size]
+    # Batches never straddle two chunks, so a chunk is finished exactly when its last batch is.
+    batches = [list(range(i, min(i + batch_size, end)))
+               for k in mine
+               for end in [min((k + 1) * chunk_size, n)]
+               for i in range(k * chunk_size, end, batch_size)]
+    remaining = {k: min((k + 1) * chunk_size, n) - k * chunk_size for k in mine}
+    skipped = {k: [] for k in mine}
+    loader = DataLoader(_ImageFiles(src, files, resolution), batch_sampler=batches, num_workers=workers,
+                        pin_memory=str(device).startswith("cuda"))
+    bar = _Progress(sum(remaining.values()), enabled=rank == 0)
+    for rows, images, errors in loader:
+        start, stop = int(rows[0]), int(rows[-1]) + 1  # a batch is a contiguous run of rows
+        good = torch.tensor([not e for e in errors])
+        moments = torch.zeros(len(rows), *moment_shape)
+        if good.any():
+            x = images[good].to(device, non_blocking=True).float() / 127.5 - 1
+            # Moments in fp32 whatever autocast the caller runs under: same numbers as the release.
+            with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
+                mean, std = vae.encode(x)
+            moments[good] = torch.cat([mean, std], dim=1).float().cpu()  # (n, 2C, h, w)
+        arrays["images"][start:stop] = images.numpy()
+        arrays["moments"][start:stop] = moments.numpy()
+        arrays["valid"][start:stop] = good.numpy()
+        k = start // chunk_size
+        skipped[k] += [(files[r], e) for r, e in zip(rows.tolist(), errors) if e]
+        remaining[k] -= len(rows)
+        if remaining[k] == 0:
+            for array in arrays.values():
+                array.flush()
+            _write_atomic(marker(k), json.dumps({"chunk": k, "skipped": skipped[k]}))
+        bar.update(len(rows))
+    bar.close()
+    _barrier()
+    if rank == 0:
+        _finish(dst, config, files, num_chunks, marker)
+
+
+def _check_same_config(path, config):
+    with open(path) as f:
+        found = json.load(f)
+    different = {key: (found.get(key), value) for key, value in config.items()
+                 if key != "chunk_size" and found.get(key) != value}
+    if different:
+        raise ValueError(f"{os.path.dirname(path)} was prepared with other settings "
+                         f"(found, asked): {different}; use another --dst or the same flags")
+
+
+def _finish(dst, config, files, num_chunks, marker):
+    missing = [k for k in range(num_chunks) if not os.path.exists(marker(k))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} chunks of {dst} are not done (first: {missing[0]}); "
+                           f"rerun the same prepare command to finish them")
+    skipped = []
+    for k in range(num_chunks):
+        with open(marker(k)) as f:
+            skipped += json.load(f)["skipped"]
+    _write_atomic(os.path.join(dst, "skipped.txt"), "".join(f"{f}\t{e}\n" for f, e in skipped))
+    with open(os.path.join(dst, "classes.txt")) as f:
+        class_names = f.read().splitlines()
+    manifest = {**config, "count": len(files), "num_valid": len(files) - len(skipped),
+                "num_classes": len(class_names), "class_names": class_names,
+                "skipped": [f for f, _ in skipped]}
+    _write_atomic(os.path.join(dst, "manifest.json"), json.dumps(manifest, indent=1))
+    print(f"prepared {len(files) - len(skipped)} images into {dst}; {len(skipped)} unreadable "
+          f"files skipped (listed in skipped.txt)")
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class PreparedDataset(Dataset):
+    """A `data.py prepare` output: item = (image (3, R, R) uint8, moments (2C, h, w) float32, label int64)."""
+
+    def __init__(self, root):
+        manifest_path = os.path.join(root, "manifest.json")
+        if not os.path.exists(manifest_path):
+            how = "python data.py prepare --src /imagenet/train --dst " + str(root)
+            if os.path.isdir(os.path.join(root, "progress")):
+                raise FileNotFoundError(f"{root} is only partly prepared; rerun the prepare command "
+                                        f"that created it to finish ({how})")
+            raise FileNotFoundError(f"{root} is not a prepared dataset (no manifest.json); create it with: {how}")
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{root} has format version {manifest.get('format_version')}, this code reads "
+                             f"{FORMAT_VERSION}; prepare it again into a new folder")
+        self.root = root
+        self.resolution = manifest["resolution"]
+        self.num_classes = manifest["num_classes"]
+        self.class_names = manifest["class_names"]
+        self.latent_channels = manifest["latent_channels"]
+        self.downsample = manifest["downsample"]
+        self.scaling_factor = manifest["scaling_factor"]
+        self.vae = manifest["vae"]
+        # Only rows that decoded are served; `rows` maps item index -> row of the arrays.
+        self.rows = np.flatnonzero(np.load(os.path.join(root, "valid.npy")))
+        self.labels = np.load(os.path.join(root, "labels.npy"))[self.rows]
+        self._images = self._moments = None
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        if self._images is None:  # opened on first use, i.e. once inside each DataLoader worker
+            self._images = np.load(os.path.join(self.root, "images.npy"), mmap_mode="r")
+            self._moments = np.load(os.path.join(self.root, "moments.npy"), mmap_mode="r")
+        row = self.rows[index]
+        return (torch.from_numpy(np.array(self._images[row])), torch.from_numpy(np.array(self._moments[row])),
+                torch.tensor(self.labels[index], dtype=torch.int64))
+
+    def __getstate__(self):
+        # Workers started by spawn must reopen the memmaps, not receive pickled copies of them.
+        return {**self.__dict__, "_images": None, "_moments": None}
+
+
+def _box(dx, dy):
+    return np.maximum(abs(dx), abs(dy))  # distance to the centre in the max norm: squares
+
+
+def _stripes(t, width):
+    return np.floor(t / width) % 2 == 0  # alternating bands of this width along t
+
+
+# (name, RGB colour in [0, 1], mask from the offsets dx, dy to the shape's centre and its half-size s)
+SHAPES = [
+    ("red disc", (1, .15, .15), lambda dx, dy, s: np.hypot(dx, dy) < s),
+    ("green square", (.15, .85, .2), lambda dx, dy, s: _box(dx, dy) < 0.85 * s),
+    ("blue triangle", (.2, .35, 1), lambda dx, dy, s: (abs(dy) < s) & (abs(dx) < (dy + s) / 2)),
+    ("yellow horizontal bars", (1, .9, .1), lambda dx, dy, s: (_box(dx, dy) < s) & _stripes(dy + s, 0.4 * s)),
+    ("magenta ring", (1, .2, .9), lambda dx, dy, s: (np.hypot(dx, dy) > 0.6 * s) & (np.hypot(dx, dy) < s)),
+    ("cyan cross", (.1, .9, .95), lambda dx, dy, s: (_box(dx, dy) < s) & ((abs(dx) < s / 3) | (abs(dy) < s / 3))),
+    ("white diagonal stripes", (.95, .95, .95),
+     lambda dx, dy, s: (_box(dx, dy) < s) & _stripes(dx + dy + 2 * s, 0.45 * s)),
+    ("orange checkerboard", (1, .55, .05),
+     lambda dx, dy, s: (_box(dx, dy) < s) & _stripes(np.floor((dx + s) / (s / 2)) + np.floor((dy + s) / (s / 2)), 1)),
+    ("pink diamond", (1, .6, .75), lambda dx, dy, s: abs(dx) + abs(dy) < s),
+    ("lime frame", (.65, 1, .25), lambda dx, dy, s: (_box(dx, dy) > 0.65 * s) & (_box(dx, dy) < s)),
+]
+
+
+class BuiltinShapes(Dataset):
+    """Ten classes of coloured shapes (SHAPES) on a dark background, drawn from a seed; no download.
+
+    For the offline default run and the tests. Items follow PreparedDataset's contract in pixel
+    space: moments = (image / 127.5 - 1, zeros), i.e. a "VAE" that is the identity with no noise.
+    """
+
+    class_names = [name for name, _, _ in SHAPES]
+    num_classes, latent_channels, downsample, scaling_factor, vae = len(SHAPES), 3, 1, 1.0, "pixels"
+
+    def __init__(self, num_images=5000, resolution=32, seed=0):
+        self.resolution = resolution
+        rng = np.random.default_rng(seed)
+        n = num_images
+        self.labels = np.arange(n) % self.num_classes
+        # Per-image jitter of position, size and shade, shaped (n, 1, 1) to broadcast over (H, W).
+        cx, cy = 0.5 + rng.uniform(-0.1, 0.1, (2, n, 1, 1))
+        s = rng.uniform(0.24, 0.32, (n, 1, 1))  # half-size, in image widths
+        v, u = (np.mgrid[:resolution, :resolution] + 0.5) / resolution  # (H, W) row and column coordinates
+        mask = np.zeros((n, resolution, resolution), dtype=bool)
+        for label, (_, _, shape) in enumerate(SHAPES):
+            members = self.labels == label
+            mask[members] = shape(u - cx[members], v - cy[members], s[members])
+        colour = np.array([c for _, c, _ in SHAPES], np.float32)[self.labels] * rng.uniform(0.75, 1, (n, 1))  # (n, 3)
+        background = rng.uniform(0, 0.15, (n, 3, 1, 1)).astype(np.float32)
+        background = background + 0.02 * rng.standard_normal((n, 3, resolution, resolution), dtype=np.float32)
+        image = np.where(mask[:, None], colour.astype(np.float32)[:, :, None, None], background)  # (n, 3, H, W)
+        self.images = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round to nearest
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = torch.from_numpy(self.images[index])
+        mean = image.float() / 127.5 - 1
+        return image, torch.cat([mean, torch.zeros_like(mean)]), torch.tensor(self.labels[index], dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- loader
+
+class _StepBatches(Sampler):
+    """Infinite batch sampler: the batch of global step s depends only on (seed, s, rank, world_size)."""
+
+    def __init__(self, size, batch_size, rank, world_size, seed, start_step):
+        self.steps_per_epoch = size // (world_size * batch_size)  # drop_last, as DistributedSampler
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"dataset of {size} items is smaller than one global batch of "
+                             f"{world_size} x {batch_size}; lower the batch size")
+        self.size, self.batch_size, self.rank, self.world_size = size, batch_size, rank, world_size
+        self.seed, self.start_step = seed, start_step
+
+    def __iter__(self):
+        # Resuming jumps straight to (epoch, offset): nothing before start_step is loaded.
+        epoch, order = None, None
+        step = self.start_step
+        while True:
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                generator = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0] >> 1))
+                used = self.steps_per_epoch * self.world_size * self.batch_size
+                # Rank r takes every world_size-th index of the epoch's permutation: disjoint shares.
+                order = torch.randperm(self.size, generator=generator)[:used][self.rank::self.world_size]
+            i = step % self.steps_per_epoch
+            yield order[i * self.batch_size:(i + 1) * self.batch_size].tolist()
+            step += 1
+
+
+def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, start_step=0):
+    """Infinite iterator of this rank's batches (images, moments, labels) for steps start_step, start_step+1, ..."""
+    sampler = _StepBatches(len(dataset), batch_size, rank, world_size, seed, start_step)
+    extra = {"persistent_workers": True, "prefetch_factor": 4} if num_workers > 0 else {}
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=default_collate,
+                        pin_memory=torch.cuda.is_available(), **extra)
+    return iter(loader)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="center-crop and VAE-encode an ImageNet-style folder")
+    p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--dst", required=True, help="output folder (created; rerun to resume)")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--vae", default="sd-vae-ft-ema", help="VAE name for encoder.load_vae, or 'pixels'")
+    p.add_argument("--vae-path", default=None, help="local VAE weights (no download is possible offline)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per GPU")
+    p.add_argument("--workers", type=int, default=8, help="decoding processes per GPU")
+    p.add_argument("--chunk-size", type=int, default=1000, help="images per restartable unit of work")
+    args = parser.parse_args()
+
+    distributed = "RANK" in os.environ
+    rank, world_size, local_rank = 0, 1, 0
+    if distributed:
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if distributed:
+        # Generous timeout: rank 0 lists 1.28M files and creates the arrays while the others wait.
+        dist.init_process_group("nccl" if device != "cpu" else "gloo", timeout=datetime.timedelta(hours=2))
+    import encoder  # the only model code data.py needs: the frozen VAE
+    vae = encoder.load_vae(args.vae, path=args.vae_path).to(device)
+    os.makedirs(args.dst, exist_ok=True)
+    prepare(args.src, args.dst, vae, args.vae, resolution=args.resolution, batch_size=args.batch_size,
+            workers=args.workers, chunk_size=args.chunk_size, device=device, rank=rank, world_size=world_size)
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
