@@ -1,5 +1,7 @@
 """Training data for REG: ImageNet prepared once into memmaps, a built-in toy dataset, a resumable loader.
 
+Also the way images leave the program (to_uint8, save_grid) and a small progress printer.
+
 REFERENCE §2 and §5: images are center-cropped as in ADM and stored as uint8; the SD-VAE posterior
 moments (mean, std) of every image are computed once and stored in float32, so that each training
 step can sample the posterior (train.py does that) without running the VAE encoder.
@@ -92,25 +94,29 @@ class _ImageFiles(Dataset):
         return row, torch.from_numpy(np.ascontiguousarray(array)), error
 
 
-class _Progress:
-    """tqdm when it is installed, else a line every 30 s; silent on ranks other than 0."""
+class Progress:
+    """tqdm when it is installed (it is not a dependency), else a printed line every 30 s.
 
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.done, self.start, self.last = total, enabled, 0, time.time(), 0.0
+    `enabled=False` (ranks other than 0) makes it silent.
+    """
+
+    def __init__(self, total, desc="", enabled=True):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.done, self.start, self.last = 0, time.time(), 0.0
         try:
             from tqdm import tqdm
-            self.bar = tqdm(total=total, unit="img", disable=not enabled)
+            self.bar = tqdm(total=total, desc=desc, disable=not enabled)
         except ImportError:
             self.bar = None
 
-    def update(self, n):
+    def update(self, n=1):
         self.done += n
         if self.bar is not None:
             self.bar.update(n)
-        elif self.enabled and (time.time() - self.last > 30 or self.done == self.total):
+        elif self.enabled and (time.time() - self.last > 30 or self.done >= self.total):
             self.last = time.time()
             rate = self.done / max(self.last - self.start, 1e-9)
-            print(f"{self.done}/{self.total} images, {rate:.0f} img/s", flush=True)
+            print(f"{self.desc} {self.done}/{self.total} ({rate:.1f}/s)".strip(), flush=True)
 
     def close(self):
         if self.bar is not None:
@@ -205,7 +211,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     skipped = {k: [] for k in mine}
     loader = DataLoader(_ImageFiles(src, files, resolution), batch_sampler=batches, num_workers=workers,
                         pin_memory=str(device).startswith("cuda"))
-    bar = _Progress(sum(remaining.values()), enabled=rank == 0)
+    bar = Progress(sum(remaining.values()), "images", enabled=rank == 0)
     for rows, images, errors in loader:
         start, stop = int(rows[0]), int(rows[-1]) + 1  # a batch is a contiguous run of rows
         good = torch.tensor([not e for e in errors])
@@ -410,6 +416,31 @@ def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, start_
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=default_collate,
                         pin_memory=torch.cuda.is_available(), **extra)
     return iter(loader)
+
+
+# ----------------------------------------------------------------------------- images out
+
+def to_uint8(x):
+    """Decoder output in [-1, 1] (N, 3, H, W) -> uint8 (N, 3, H, W), rounded as the ADM/DiT samplers do."""
+    # 127.5 x + 128 then truncation = round half up of 127.5 (x + 1); the released sample_ddp does
+    # exactly this, and FID is sensitive enough to such details to keep them identical.
+    return torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8)
+
+
+def save_grid(images, path, nrow=8, padding=2):
+    """Save (N, 3, H, W) images (uint8, or floats in [-1, 1]) as a PNG grid, `nrow` images per row."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = to_uint8(images.float())
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    # Blank tiles fill the last row; each tile gets a border on its top and left, the grid on its bottom and right.
+    images = torch.cat([images, images.new_zeros(rows * nrow - n, 3, h, w)])
+    tiles = torch.nn.functional.pad(images, (padding, 0, padding, 0))  # (rows*nrow, 3, p+H, p+W)
+    grid = tiles.view(rows, nrow, 3, padding + h, padding + w).permute(0, 3, 1, 4, 2)  # (rows, p+H, nrow, p+W, 3)
+    grid = grid.reshape(rows * (padding + h), nrow * (padding + w), 3)
+    grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))
+    Image.fromarray(grid.numpy()).save(path)
 
 
 # ----------------------------------------------------------------------------- command line
