@@ -1,0 +1,401 @@
+"""Frozen pretrained networks: the DINOv2 teacher and the SD-VAE (REFERENCE.md sections 2 and 5).
+
+REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is ever trained.
+  DINOv2 through timm: uint8 images -> (cls (N, D_enc), patches (N, T, D_enc)), preprocessed as
+    the official REPA/REG code does (/255, ImageNet normalize, bicubic resize 256 -> 224).
+  AutoencoderKL: Stable Diffusion's VAE in plain PyTorch with diffusers' parameter names, so
+    stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names.
+  StandInEncoder / PixelSpace: stand-ins with the same interfaces, used by the offline built-in
+    run where no pretrained weights exist. They exercise the REG code path, nothing more.
+
+Usage:
+    enc = load_encoder("dinov2-vit-b", resolution=256)        # or weights="/path/dinov2_vitb14_pretrain.pth"
+    cls, patches = enc(images)                                # (N, 768), (N, 256, 768)
+    vae = load_vae("sd-vae-ft-ema")                           # or path="/path/to/sd-vae-ft-ema"
+    mean, std = vae.encode(images / 127.5 - 1)                # (N, 4, 32, 32) each
+    x = sample_posterior(mean, std) * vae.scaling_factor      # the latent SiT denoises
+    recon = vae.decode(x / vae.scaling_factor)                # (N, 3, 256, 256) in about [-1, 1]
+"""
+import os
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from huggingface_hub import hf_hub_download
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+
+def _read_state_dict(path):
+    if path.endswith(".safetensors"):
+        return safetensors.torch.load_file(path, device="cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _hub_file(repo_id, filenames, alternative):
+    """Path of the first of `filenames` in the HF hub repo (from the local cache when offline)."""
+    failures = []
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename)
+        except OSError as e:  # hub errors (not found, offline, no connection) are all OSErrors
+            failures.append(f"{filename}: {type(e).__name__}")
+    raise RuntimeError(
+        f"Could not get the pretrained weights {repo_id} ({'; '.join(failures)}). This machine is "
+        f"probably offline and the Hugging Face cache does not hold them. On a connected machine run "
+        f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), "
+        f"copy its cache (~/.cache/huggingface/hub) here and set HF_HUB_CACHE to it; or {alternative}."
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# DINOv2 (and its stand-in)
+
+# The official REPA/REG `--enc-type` names; "-reg" selects the variant with 4 register tokens.
+DINOV2_TIMM_NAMES = {}
+for _size, _timm_size in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]:
+    DINOV2_TIMM_NAMES[f"dinov2-vit-{_size}"] = f"vit_{_timm_size}_patch14_dinov2.lvd142m"
+    DINOV2_TIMM_NAMES[f"dinov2-vit-{_size}-reg"] = f"vit_{_timm_size}_patch14_reg4_dinov2.lvd142m"
+
+
+class _FrozenViT(nn.Module):
+    """A frozen timm ViT `self.vit` behind DINOv2's input convention and token split."""
+
+    def _setup(self, vit, input_size):
+        self.vit = vit
+        self.input_size = input_size  # side of the ViT's input; None = the images' own size
+        self.embed_dim = vit.embed_dim
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def preprocess(self, images):
+        """uint8 (or float 0..255) (N, 3, R, R) -> normalized float (N, 3, S, S)."""
+        x = (images.float() / 255 - self.mean) / self.std
+        if self.input_size is not None:
+            # As REPA's preprocess_raw_image: normalize first, then a plain bicubic resize.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
+                              align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def forward(self, images):
+        tokens = self.vit.forward_features(self.preprocess(images))  # (N, 1+regs+T, D), final norm applied
+        # timm orders the sequence [cls, registers..., patches]; registers are dropped.
+        return tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:]  # (N, D), (N, T, D)
+
+
+class DINOv2(_FrozenViT):
+    """Frozen DINOv2 (timm) returning its class token and patch tokens after the final norm.
+
+    The network sees 224 * resolution / 256 pixels (224 for 256, 448 for 512), so its position
+    embedding is resampled once, at load time, to a 16x16 (32x32) grid, as REPA does with
+    timm's resample_abs_pos_embed. `weights`: "pretrained" (HF hub cache), a local file (timm
+    layout, or torch.hub's dinov2_vitb14_pretrain.pth layout), or None (random; tests only).
+    Extra keyword arguments go to timm.create_model (e.g. depth=1 for a quick test model).
+    """
+
+    def __init__(self, name="dinov2-vit-b", resolution=256, weights="pretrained", **timm_kwargs):
+        super().__init__()
+        if name not in DINOV2_TIMM_NAMES:
+            raise ValueError(f"Unknown DINOv2 encoder {name!r}; choose one of {sorted(DINOV2_TIMM_NAMES)}.")
+        if resolution % 16:
+            raise ValueError(f"resolution must be a multiple of 16 (got {resolution}) so that "
+                             f"224 * resolution / 256 is a whole number of 14-pixel patches.")
+        timm_name = DINOV2_TIMM_NAMES[name]
+        if weights == "pretrained":
+            weights = _hub_file("timm/" + timm_name, ["model.safetensors"],
+                                "pass a local checkpoint file with --enc-path")
+        input_size = 224 * resolution // 256
+        vit = timm.create_model(timm_name, pretrained=False, img_size=input_size, num_classes=0,
+                                **timm_kwargs)
+        if weights is not None:
+            # timm's filter converts the torch.hub layout (mask_token, register_tokens, SwiGLU
+            # w12/w3) and resamples pos_embed to the model's grid (bicubic, antialiased).
+            vit.load_state_dict(checkpoint_filter_fn(_read_state_dict(weights), vit))
+        self._setup(vit, input_size)
+
+
+class StandInEncoder(_FrozenViT):
+    """A small, randomly initialised, frozen ViT of the DINOv2 design (class token, final norm).
+
+    Honest caveat: random frozen features carry image statistics, not semantics. This encoder
+    only exists so that the offline built-in run exercises the same REG code path (class token,
+    projection loss) without pretrained weights; its results say nothing about REG's benefit.
+    It reads images at their own size (no resize); T = (resolution / patch_size)^2. Weights
+    are drawn from a private RNG seeded with `seed`, so every machine and rank gets the same net.
+    """
+
+    def __init__(self, resolution=256, patch_size=16, embed_dim=384, depth=4, num_heads=6, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+            torch.manual_seed(seed)
+            vit = VisionTransformer(img_size=resolution, patch_size=patch_size, embed_dim=embed_dim,
+                                    depth=depth, num_heads=num_heads, num_classes=0)
+        self._setup(vit, input_size=None)
+
+
+def load_encoder(name, resolution, weights="pretrained", **kwargs):
+    """DINOv2 for an official `--enc-type` name, or StandInEncoder for "stand-in"."""
+    if name == "stand-in":
+        if weights not in ("pretrained", None):
+            raise ValueError("The stand-in encoder is random by design and loads no weights; "
+                             "drop --enc-path or choose a dinov2-vit-* encoder.")
+        return StandInEncoder(resolution, **kwargs)
+    return DINOv2(name, resolution, weights, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# SD-VAE. Module and parameter names follow diffusers' AutoencoderKL exactly (state-dict keys
+# such as encoder.down_blocks.0.resnets.1.conv2.weight), which is the layout the
+# stabilityai/sd-vae-ft-* files use.
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # A 1x1 conv on the skip path only where the width changes (no parameter otherwise).
+        self.conv_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over the H*W positions, with a residual connection."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        self.to_out = nn.ModuleList([nn.Linear(c, c)])  # "to_out.0": diffusers' index 1 is a dropout
+
+    def forward(self, x):
+        N, C, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (N, H*W, C)
+        h = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))  # scale 1/sqrt(C)
+        h = self.to_out[0](h).transpose(1, 2).reshape(N, C, H, W)
+        return x + h
+
+
+class MidBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+        self.attentions = nn.ModuleList([Attention(c, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        # Asymmetric padding (right and bottom only), as the original LDM/diffusers VAE does.
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownBlock(nn.Module):
+    def __init__(self, c_in, c_out, num_resnets, groups, downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(num_resnets)])
+        self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
+
+    def forward(self, x):
+        for layer in [*self.resnets, *self.downsamplers]:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    def __init__(self, c_in, c_out, num_resnets, groups, upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(num_resnets)])
+        self.upsamplers = nn.ModuleList([Upsample(c_out)] if upsample else [])
+
+    def forward(self, x):
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """(N, 3, H, W) -> (N, 2*z, H/f, W/f), f = 2^(levels-1): mean and log-variance channels."""
+
+    def __init__(self, in_channels, widths, num_res_blocks, z_channels, groups):
+        super().__init__()
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        last = len(widths) - 1
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(widths[max(i - 1, 0)], w, num_res_blocks, groups, downsample=i < last)
+             for i, w in enumerate(widths)])
+        self.mid_block = MidBlock(widths[-1], groups)
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], 2 * z_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """(N, z, h, w) -> (N, 3, h*f, w*f). Mirrors the encoder with one extra resnet per level."""
+
+    def __init__(self, out_channels, widths, num_res_blocks, z_channels, groups):
+        super().__init__()
+        widths = widths[::-1]  # deepest level first
+        self.conv_in = nn.Conv2d(z_channels, widths[0], 3, padding=1)
+        self.mid_block = MidBlock(widths[0], groups)
+        last = len(widths) - 1
+        self.up_blocks = nn.ModuleList(
+            [UpBlock(widths[max(i - 1, 0)], w, num_res_blocks + 1, groups, upsample=i < last)
+             for i, w in enumerate(widths)])
+        self.conv_norm_out = nn.GroupNorm(groups, widths[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# Names of the mid-block attention weights in diffusers before 0.14 (and in the
+# stabilityai/sd-vae-ft-* files); very old files store them as 1x1 convs (C, C, 1, 1).
+_LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _rename_legacy_attention(state_dict):
+    renamed = {}
+    for key, value in state_dict.items():
+        prefix, _, rest = key.rpartition(".attentions.0.")
+        name, _, kind = rest.rpartition(".")
+        if prefix and name in _LEGACY_ATTENTION_NAMES:
+            key = f"{prefix}.attentions.0.{_LEGACY_ATTENTION_NAMES[name]}.{kind}"
+            if value.ndim == 4:
+                value = value[:, :, 0, 0]  # (C, C, 1, 1) conv -> (C, C) linear
+        renamed[key] = value
+    return renamed
+
+
+class AutoencoderKL(nn.Module):
+    """Stable Diffusion's KL autoencoder (the SD config by default), frozen.
+
+    encode: image in [-1, 1] (N, 3, H, W) -> posterior (mean, std), each (N, 4, H/8, W/8).
+    decode: unscaled latent (N, 4, h, w) -> image in about [-1, 1] (N, 3, 8h, 8w).
+    Latents fed to SiT are posterior samples times `scaling_factor` (REFERENCE.md section 2).
+    """
+    scaling_factor = 0.18215
+
+    def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
+                 groups=32, in_channels=3):
+        super().__init__()
+        widths = [ch * m for m in ch_mult]
+        self.latent_channels = latent_channels
+        self.downsample = 2 ** (len(ch_mult) - 1)
+        self.encoder = Encoder(in_channels, widths, num_res_blocks, latent_channels, groups)
+        self.decoder = Decoder(in_channels, widths, num_res_blocks, latent_channels, groups)
+        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.requires_grad_(False).eval()
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        # Accept the old attention names too; strict loading reports any other mismatch.
+        return super().load_state_dict(_rename_legacy_attention(state_dict), strict, assign)
+
+    @torch.no_grad()
+    def encode(self, x):
+        moments = self.quant_conv(self.encoder(x))  # (N, 2*C, h, w)
+        mean, logvar = moments.chunk(2, dim=1)
+        # diffusers' DiagonalGaussianDistribution clamps the log-variance before exp.
+        return mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+
+    @torch.no_grad()
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class PixelSpace(nn.Module):
+    """A stand-in "VAE" for the offline built-in run: the latent is the image itself.
+
+    Same interface as AutoencoderKL: encode returns (x, 0) so a posterior sample is x exactly.
+    """
+    scaling_factor = 1.0
+    latent_channels = 3
+    downsample = 1
+
+    def encode(self, x):
+        return x, torch.zeros_like(x)
+
+    def decode(self, z):
+        return z
+
+
+def sample_posterior(mean, std, generator=None):
+    """One latent sample mean + std * eps (unscaled; the caller multiplies by scaling_factor)."""
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
+
+
+VAE_WEIGHT_FILES = ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"]
+
+
+def _local_vae_file(path):
+    if os.path.isfile(path):
+        return path
+    # A VAE repo directory, or a whole SD pipeline directory with the VAE in vae/.
+    for folder in [path, os.path.join(path, "vae")]:
+        for filename in VAE_WEIGHT_FILES:
+            if os.path.isfile(os.path.join(folder, filename)):
+                return os.path.join(folder, filename)
+    raise FileNotFoundError(
+        f"No VAE weights at {path!r}: expected a weights file or a directory holding one of "
+        f"{VAE_WEIGHT_FILES} (e.g. a download of stabilityai/sd-vae-ft-ema).")
+
+
+def load_vae(name="sd-vae-ft-ema", path=None):
+    """The frozen SD-VAE `name` (sd-vae-ft-ema or sd-vae-ft-mse), or PixelSpace for "pixels".
+
+    Weights come from `path` (a file or directory) if given, else from the HF hub cache.
+    """
+    if name == "pixels":
+        return PixelSpace()
+    if name not in ("sd-vae-ft-ema", "sd-vae-ft-mse"):
+        raise ValueError(f"Unknown VAE {name!r}; choose sd-vae-ft-ema, sd-vae-ft-mse or pixels.")
+    if path is not None:
+        file = _local_vae_file(path)
+    else:
+        file = _hub_file("stabilityai/" + name, VAE_WEIGHT_FILES,
+                         "pass a local directory or weights file with --vae-path")
+    vae = AutoencoderKL()
+    vae.load_state_dict(_read_state_dict(file))
+    return vae
