@@ -29,7 +29,7 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 
 
 def _read_state_dict(path):
-    if path.endswith(".safetensors"):
+    if str(path).endswith(".safetensors"):
         return safetensors.torch.load_file(path, device="cpu")
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -54,10 +54,11 @@ def _hub_file(repo_id, filenames, alternative):
 # DINOv2 (and its stand-in)
 
 # The official REPA/REG `--enc-type` names; "-reg" selects the variant with 4 register tokens.
-DINOV2_TIMM_NAMES = {}
-for _size, _timm_size in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]:
-    DINOV2_TIMM_NAMES[f"dinov2-vit-{_size}"] = f"vit_{_timm_size}_patch14_dinov2.lvd142m"
-    DINOV2_TIMM_NAMES[f"dinov2-vit-{_size}-reg"] = f"vit_{_timm_size}_patch14_reg4_dinov2.lvd142m"
+DINOV2_TIMM_NAMES = {
+    f"dinov2-vit-{size}{reg}": f"vit_{timm_size}_patch14{'_reg4' if reg else ''}_dinov2.lvd142m"
+    for size, timm_size in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]
+    for reg in ["", "-reg"]
+}
 
 
 class _FrozenViT(nn.Module):
@@ -109,7 +110,7 @@ class DINOv2(_FrozenViT):
                              f"224 * resolution / 256 is a whole number of 14-pixel patches.")
         timm_name = DINOV2_TIMM_NAMES[name]
         if weights == "pretrained":
-            weights = _hub_file("timm/" + timm_name, ["model.safetensors"],
+            weights = _hub_file("timm/" + timm_name, ["model.safetensors", "pytorch_model.bin"],
                                 "pass a local checkpoint file with --enc-path")
         input_size = 224 * resolution // 256
         vit = timm.create_model(timm_name, pretrained=False, img_size=input_size, num_classes=0,

@@ -267,6 +267,21 @@ def test_dinov2_loads_a_torch_hub_checkpoint_and_resamples_pos_embed_as_repa(tmp
     assert torch.equal(enc.vit.cls_token, hub["cls_token"])
 
 
+def test_dinov2_loads_a_torch_hub_checkpoint_with_registers(tmp_path):
+    # torch.hub's layout adds pos_embed to the class token and keeps registers apart; timm folds
+    # the class token's position into the token (its -reg models embed patches only).
+    hub = timm.create_model("vit_small_patch14_dinov2", depth=1, num_classes=0).state_dict()
+    hub["mask_token"] = torch.zeros(1, 384)
+    hub["register_tokens"] = torch.randn(1, 4, 384)
+    torch.save(hub, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    enc = DINOv2("dinov2-vit-s-reg", 256, weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"),
+                 depth=1)
+    repa_pos_embed = resample_abs_pos_embed(hub["pos_embed"], [16, 16])  # (1, 1+256, 384)
+    assert torch.equal(enc.vit.pos_embed, repa_pos_embed[:, 1:])
+    assert torch.equal(enc.vit.cls_token, hub["cls_token"] + hub["pos_embed"][:, :1])
+    assert torch.equal(enc.vit.reg_token, hub["register_tokens"])
+
+
 def test_dinov2_pretrained_offline_raises_an_error_that_says_how_to_get_weights(offline_empty_hub):
     with pytest.raises(RuntimeError, match="hf download timm/vit_small_patch14_dinov2.lvd142m"):
         DINOv2("dinov2-vit-s", 256)
