@@ -1,6 +1,9 @@
 """Specification of data.py: ADM crop, ImageNet preparation (restartable), datasets, resumable loader."""
 import json
 import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import encoder
 
 SYNSETS = ["n01000003", "n01000001", "n01000002"]  # created unsorted; labels follow sorted order
 RESOLUTION = 32
@@ -216,6 +220,39 @@ def test_interrupted_prepare_resumes_with_only_the_missing_chunks(imagenet, prep
     for name in ["images", "moments", "labels", "valid"]:
         np.testing.assert_array_equal(np.load(tmp_path / f"{name}.npy"), np.load(prepared / f"{name}.npy"), name)
     assert read_lines(tmp_path / "skipped.txt") == read_lines(prepared / "skipped.txt")
+
+
+def test_prepare_with_a_small_sd_vae_stores_its_posterior_moments(imagenet, tmp_path):
+    torch.manual_seed(0)
+    vae = encoder.AutoencoderKL(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)  # downsample 2
+    data.prepare(str(imagenet), str(tmp_path), vae, "small", resolution=RESOLUTION, batch_size=5, workers=0)
+    images, moments = np.load(tmp_path / "images.npy"), np.load(tmp_path / "moments.npy")
+    valid = np.load(tmp_path / "valid.npy")
+    assert moments.shape == (12, 8, 16, 16)
+    mean, std = vae.encode(torch.from_numpy(images[valid]).float() / 127.5 - 1)
+    np.testing.assert_allclose(moments[valid], torch.cat([mean, std], dim=1).numpy(), atol=1e-5)
+
+
+def test_two_ranks_of_the_command_line_give_the_arrays_of_one_process(imagenet, tmp_path):
+    # Two processes with the environment torchrun gives its workers (gloo on CPU), without the
+    # launcher itself: a few seconds less, and the same code path in data.py.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    command = [sys.executable, script, "prepare", "--src", str(imagenet), "--dst", str(tmp_path / "two"),
+               "--vae", "pixels", "--resolution", str(RESOLUTION), "--batch-size", "3", "--workers", "0",
+               "--chunk-size", "4"]
+    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
+        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    for rank in ranks:
+        output = rank.communicate(timeout=120)[0].decode()
+        assert rank.returncode == 0, output
+    data.prepare(str(imagenet), str(tmp_path / "one"), encoder.load_vae("pixels"), "pixels", resolution=RESOLUTION,
+                 batch_size=3, workers=0, chunk_size=4)
+    for name in ["images.npy", "moments.npy", "labels.npy", "valid.npy", "manifest.json", "skipped.txt"]:
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
 def test_prepare_over_a_finished_dataset_does_nothing(imagenet, prepared):
