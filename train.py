@@ -183,9 +183,13 @@ def main(args):
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
 
-    encoder = load_encoder(args.enc_type, resolution=dataset.resolution,
-                           weights=args.enc_path or "pretrained").to(device)
     latent_size = dataset.resolution // dataset.downsample
+    # The stand-in encoder (built-in run) is a small random ViT whose patches tile the image
+    # on the same grid as the SiT's tokens; DINOv2 gets that grid from its 224-pixel input.
+    grid = latent_size // int(args.model.split("/")[1])
+    stand_in = dict(patch_size=dataset.resolution // grid, embed_dim=192, depth=2, num_heads=3)
+    encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained",
+                           **(stand_in if args.enc_type == "stand-in" else {})).to(device)
     model_kwargs = dict(input_size=latent_size, in_channels=dataset.latent_channels,
                         num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob,
                         z_dim=encoder.embed_dim, cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0)
