@@ -165,7 +165,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     manifest_path = os.path.join(dst, "manifest.json")
     progress = os.path.join(dst, "progress")
     if os.path.exists(manifest_path):
-        _check_same_config(manifest_path, config)
+        _check_same_config(dst, manifest_path, config)
         if rank == 0:
             print(f"{dst} is already prepared; nothing to do")
         return
@@ -180,7 +180,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
         os.makedirs(progress, exist_ok=True)
         config_path = os.path.join(progress, "config.json")
         if os.path.exists(config_path):
-            _check_same_config(config_path, config)
+            _check_same_config(dst, config_path, config)
         else:
             files, labels, class_names = list_image_folder(src)
             _write_atomic(os.path.join(dst, "files.txt"), "".join(f + "\n" for f in files))
@@ -193,6 +193,8 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     _barrier()
     with open(os.path.join(dst, "files.txt")) as f:
         files = f.read().splitlines()
+    with open(os.path.join(progress, "config.json")) as f:
+        chunk_size = json.load(f)["chunk_size"]  # a resumed run keeps the first run's chunks
     arrays = _open_arrays(dst)
     n = len(files)
     num_chunks = (n + chunk_size - 1) // chunk_size
@@ -217,7 +219,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
         good = torch.tensor([not e for e in errors])
         moments = torch.zeros(len(rows), *moment_shape)
         if good.any():
-            x = images[good].to(device, non_blocking=True).float() / 127.5 - 1
+            x = images.to(device, non_blocking=True)[good.to(device)].float() / 127.5 - 1
             # Moments in fp32 whatever autocast the caller runs under: same numbers as the release.
             with torch.no_grad(), torch.autocast(torch.device(device).type, enabled=False):
                 mean, std = vae.encode(x)
@@ -239,13 +241,13 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
         _finish(dst, config, files, num_chunks, marker)
 
 
-def _check_same_config(path, config):
+def _check_same_config(dst, path, config):
     with open(path) as f:
         found = json.load(f)
     different = {key: (found.get(key), value) for key, value in config.items()
                  if key != "chunk_size" and found.get(key) != value}
     if different:
-        raise ValueError(f"{os.path.dirname(path)} was prepared with other settings "
+        raise ValueError(f"{dst} was prepared with other settings "
                          f"(found, asked): {different}; use another --dst or the same flags")
 
 

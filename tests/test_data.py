@@ -222,6 +222,16 @@ def test_interrupted_prepare_resumes_with_only_the_missing_chunks(imagenet, prep
     assert read_lines(tmp_path / "skipped.txt") == read_lines(prepared / "skipped.txt")
 
 
+def test_resumed_prepare_keeps_the_chunks_of_the_first_run(imagenet, prepared, tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        prepare_into(imagenet, tmp_path, FakeVAE(crash_after_calls=2))  # chunk 0 (rows 0..3) done
+    resumed = FakeVAE()
+    data.prepare(str(imagenet), str(tmp_path), resumed, "fake", resolution=RESOLUTION, batch_size=3, workers=0,
+                 chunk_size=5)
+    assert resumed.encoded == np.load(prepared / "valid.npy")[4:].sum()
+    np.testing.assert_array_equal(np.load(tmp_path / "moments.npy"), np.load(prepared / "moments.npy"))
+
+
 def test_prepare_with_a_small_sd_vae_stores_its_posterior_moments(imagenet, tmp_path):
     torch.manual_seed(0)
     vae = encoder.AutoencoderKL(ch=8, ch_mult=(1, 2), num_res_blocks=1, groups=4)  # downsample 2
