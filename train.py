@@ -25,6 +25,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image, ImageDraw
 
 from data import BuiltinShapes, PreparedDataset, make_loader, save_grid
@@ -49,7 +50,8 @@ def get_args(argv=None):
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models))
     p.add_argument("--encoder-depth", type=int, default=None, help="block the projector reads (default: per size)")
     p.add_argument("--enc-type", default="dinov2-vit-b", help="dinov2-vit-{s,b,l,g}[-reg], or stand-in")
-    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (default: timm's hub weights)")
+    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (default: timm's hub weights); "
+                   "'random' for speed benchmarks only")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=float, default=0.03, help="class-token loss weight (0: no class token)")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
@@ -75,6 +77,9 @@ def get_args(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=10_000)
     p.add_argument("--sample-steps", type=int, default=50, help="SDE steps of the sample grid")
     p.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG of the sample grid")
+    p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, then exit")
+    p.add_argument("--benchmark-data", default="memory", choices=["memory", "loader"],
+                   help="benchmark on one batch held in GPU memory, or on the data loader")
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
         p.set_defaults(**BUILTIN_DEFAULTS)
@@ -160,6 +165,38 @@ def plot_losses(rows, path, keys=("loss", "denoise", "proj", "cls")):
     img.save(path)
 
 
+def benchmark(train_step, loader, args, device, world, master, eager):
+    """Time --benchmark-steps optimizer steps after 10 warm-up steps (compilation, autotuning).
+
+    --benchmark-data memory: one batch stays in GPU memory, so the number is the model's own;
+    loader: batches come from the data loader with --num-workers, as in a real run. FLOPs per
+    image are counted once by PyTorch's FlopCounterMode on an eager step.
+    """
+    batch = [t.to(device) for t in next(loader)]
+    next_batch = (lambda: batch) if args.benchmark_data == "memory" else (lambda: next(loader))
+    with FlopCounterMode(display=False) as counter:
+        train_step(*batch, net=eager[0], enc=eager[1])
+    flops_per_image = counter.get_total_flops() / len(batch[0])
+    for _ in range(10):
+        train_step(*next_batch())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.time()
+    for _ in range(args.benchmark_steps):
+        train_step(*next_batch())
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.time() - start) / args.benchmark_steps
+    per_gpu = args.global_batch_size / world / seconds
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+    if master:
+        print(json.dumps(dict(model=args.model, batch_per_gpu=args.global_batch_size // world, world=world,
+                              data=args.benchmark_data, precision=args.precision, compile=args.compile,
+                              img_per_s_per_gpu=round(per_gpu, 1), step_ms=round(1000 * seconds, 1),
+                              peak_mem_gib=round(peak, 1), gflop_per_img=round(flops_per_image / 1e9, 1),
+                              mfu=round(per_gpu * flops_per_image / 989e12, 3))), flush=True)
+
+
 def main(args):
     rank, local_rank, world, device = setup_distributed()
     master = rank == 0
@@ -180,7 +217,7 @@ def main(args):
     exp_name = args.exp_name or f"{args.model.replace('/', '-')}-{'builtin' if args.data_path is None else 'data'}"
     run_dir = os.path.join(args.output_dir, exp_name)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if master:
+    if master and not args.benchmark_steps:
         os.makedirs(ckpt_dir, exist_ok=True)
 
     latent_size = dataset.resolution // dataset.downsample
@@ -188,7 +225,8 @@ def main(args):
     # on the same grid as the SiT's tokens; DINOv2 gets that grid from its 224-pixel input.
     grid = latent_size // int(args.model.split("/")[1])
     stand_in = dict(patch_size=dataset.resolution // grid, embed_dim=192, depth=2, num_heads=3)
-    encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained",
+    weights = None if args.enc_path == "random" else args.enc_path or "pretrained"
+    encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=weights,
                            **(stand_in if args.enc_type == "stand-in" else {})).to(device)
     model_kwargs = dict(input_size=latent_size, in_channels=dataset.latent_channels,
                         num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob,
@@ -206,7 +244,7 @@ def main(args):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     step = 0
-    resume = latest_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    resume = None if args.benchmark_steps else latest_checkpoint(ckpt_dir)
     if resume:
         ckpt = read_checkpoint(resume)
         if ckpt["args"].model != args.model or ckpt["world_size"] != world:
@@ -221,11 +259,45 @@ def main(args):
         set_rng_state(ckpt["rng"][rank], device)
 
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    run_encoder = encoder
     if use_compile:
-        train_model = torch.compile(train_model)
-        encoder = torch.compile(encoder)
+        train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
     loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, rank, world,
                          seed=args.seed, num_workers=args.num_workers, start_step=step)
+
+    accum = args.gradient_accumulation_steps
+
+    def train_step(images, moments, labels, net=train_model, enc=run_encoder):
+        """One optimizer step on this rank's batch (split into `accum` micro-batches)."""
+        images = images.to(device, non_blocking=True)
+        moments = moments.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        for micro in range(accum):
+            part = slice(micro * local_batch, (micro + 1) * local_batch)
+            with torch.no_grad():
+                mean, std = moments[part].chunk(2, dim=1)
+                x = sample_posterior(mean, std) * dataset.scaling_factor  # (N, C, h, w)
+                with autocast:
+                    cls, patches = enc(images[part])  # (N, Dz), (N, T, Dz)
+                cls, patches = cls.float(), patches.float()
+            sync = world == 1 or micro == accum - 1  # DDP all-reduces only on the last micro-batch
+            with (nullcontext() if sync else net.no_sync()), autocast:
+                losses = training_loss(net, x, labels[part],
+                                       cls if args.cls_coeff > 0 else None,
+                                       patches if args.proj_coeff > 0 else None,
+                                       path=args.path_type, time_schedule=args.weighting,
+                                       proj_coeff=args.proj_coeff, cls_coeff=args.cls_coeff)
+            scaler.scale(losses["loss"] / accum).backward()
+        scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        update_ema(ema, model, args.ema_decay)
+        return losses, grad_norm
+
+    if args.benchmark_steps:
+        return benchmark(train_step, loader, args, device, world, master, eager=(model, encoder))
 
     # Fixed noise and labels for the sample grids: the same on every rank and after a resume.
     grid_gen = torch.Generator().manual_seed(args.seed)
@@ -253,32 +325,7 @@ def main(args):
     t_log, steps_logged = time.time(), 0
     train_model.train()
     while step < args.max_train_steps:
-        images, moments, labels = next(loader)
-        images = images.to(device, non_blocking=True)
-        moments = moments.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        for micro in range(args.gradient_accumulation_steps):
-            part = slice(micro * local_batch, (micro + 1) * local_batch)
-            with torch.no_grad():
-                mean, std = moments[part].chunk(2, dim=1)
-                x = sample_posterior(mean, std) * dataset.scaling_factor  # (N, C, h, w)
-                with autocast:
-                    cls, patches = encoder(images[part])  # (N, Dz), (N, T, Dz)
-                cls, patches = cls.float(), patches.float()
-            last = micro == args.gradient_accumulation_steps - 1
-            with (train_model.no_sync() if world > 1 and not last else nullcontext()), autocast:
-                losses = training_loss(train_model, x, labels[part],
-                                       cls if args.cls_coeff > 0 else None,
-                                       patches if args.proj_coeff > 0 else None,
-                                       path=args.path_type, time_schedule=args.weighting,
-                                       proj_coeff=args.proj_coeff, cls_coeff=args.cls_coeff)
-            scaler.scale(losses["loss"] / args.gradient_accumulation_steps).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema_decay)
+        losses, grad_norm = train_step(*next(loader))
         step += 1
 
         # Accumulate on the device; the host only syncs at log and checkpoint steps.
