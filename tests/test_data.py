@@ -253,9 +253,10 @@ def test_two_ranks_of_the_command_line_give_the_arrays_of_one_process(imagenet, 
     command = [sys.executable, script, "prepare", "--src", str(imagenet), "--dst", str(tmp_path / "two"),
                "--vae", "pixels", "--resolution", str(RESOLUTION), "--batch-size", "3", "--workers", "0",
                "--chunk-size", "4"]
-    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={
-        **os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(2)]
+    torchrun_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**torchrun_env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     for rank in ranks:
         output = rank.communicate(timeout=120)[0].decode()
         assert rank.returncode == 0, output
@@ -424,7 +425,8 @@ def test_save_grid_of_floats_equals_grid_of_their_uint8(tmp_path):
     x = torch.rand(4, 3, 8, 8) * 2 - 1
     data.save_grid(x, tmp_path / "a.png", nrow=2)
     data.save_grid(data.to_uint8(x), tmp_path / "b.png", nrow=2)
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ["a.png", "b.png"])
+    np.testing.assert_array_equal(a, b)
 
 
 def test_progress_prints_without_tqdm(monkeypatch, capsys):
