@@ -271,6 +271,30 @@ def _finish(dst, config, files, num_chunks, marker):
           f"files skipped (listed in skipped.txt)")
 
 
+def write_synthetic(dst, count, resolution=256, num_classes=1000, seed=0):
+    """A prepared dataset of random content with ImageNet's shapes (SD-VAE latents), written
+    without any VAE: for speed benchmarks of the loader and the training step, not for training."""
+    os.makedirs(dst, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    h = resolution // 8
+    arrays = _open_arrays(dst, {"images": (count, 3, resolution, resolution), "moments": (count, 8, h, h),
+                                "valid": (count,)})
+    for start in range(0, count, 1000):  # in blocks, so memory stays small for any count
+        n = min(1000, count - start)
+        arrays["images"][start:start + n] = rng.integers(0, 256, (n, 3, resolution, resolution), np.uint8)
+        mean = rng.standard_normal((n, 4, h, h), np.float32) / 0.18215  # SD latents have std ~ 1/0.18215
+        arrays["moments"][start:start + n] = np.concatenate([mean, np.full_like(mean, 0.05)], axis=1)
+    arrays["valid"][:] = True
+    for array in arrays.values():
+        array.flush()
+    np.save(os.path.join(dst, "labels.npy"), rng.integers(0, num_classes, count))
+    manifest = {"format_version": FORMAT_VERSION, "resolution": resolution, "vae": "sd-vae-ft-ema",
+                "latent_channels": 4, "downsample": 8, "scaling_factor": 0.18215, "count": count,
+                "num_valid": count, "num_classes": num_classes, "synthetic": True,
+                "class_names": [f"class{i}" for i in range(num_classes)], "skipped": []}
+    _write_atomic(os.path.join(dst, "manifest.json"), json.dumps(manifest, indent=1))
+
+
 # ----------------------------------------------------------------------------- datasets
 
 class PreparedDataset(Dataset):
@@ -423,10 +447,12 @@ def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, start_
 # ----------------------------------------------------------------------------- images out
 
 def to_uint8(x):
-    """Decoder output in [-1, 1] (N, 3, H, W) -> uint8 (N, 3, H, W), rounded as the ADM/DiT samplers do."""
-    # 127.5 x + 128 then truncation = round half up of 127.5 (x + 1); the released sample_ddp does
-    # exactly this, and FID is sensitive enough to such details to keep them identical.
-    return torch.clamp(127.5 * x + 128, 0, 255).to(torch.uint8)
+    """Decoder output in [-1, 1] (N, 3, H, W) -> uint8 (N, 3, H, W) by floor(255 (x + 1) / 2).
+
+    Truncation, not rounding, as the REPA/REG release's generate.py writes its FID samples:
+    FID is sensitive enough to a half-level shift of every pixel to keep this identical.
+    """
+    return torch.clamp(255 * (x + 1) / 2, 0, 255).to(torch.uint8)
 
 
 def save_grid(images, path, nrow=8, padding=2):
@@ -459,7 +485,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per GPU")
     p.add_argument("--workers", type=int, default=8, help="decoding processes per GPU")
     p.add_argument("--chunk-size", type=int, default=1000, help="images per restartable unit of work")
+    p = commands.add_parser("synthetic", help="random data in the prepared format, for benchmarks")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--count", type=int, default=20_000)
+    p.add_argument("--resolution", type=int, default=256)
     args = parser.parse_args()
+    if args.command == "synthetic":
+        return write_synthetic(args.dst, args.count, args.resolution)
 
     distributed = "RANK" in os.environ
     rank, world_size, local_rank = 0, 1, 0

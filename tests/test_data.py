@@ -405,10 +405,11 @@ def test_loader_refuses_a_dataset_smaller_than_one_global_batch():
 
 # ----------------------------------------------------------------------------- images out
 
-def test_to_uint8_maps_minus_one_zero_one_to_0_128_255_and_clamps():
-    x = torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5)
+def test_to_uint8_truncates_255_times_half_x_plus_one_and_clamps():
+    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6)
     out = data.to_uint8(x)
-    assert out.dtype == torch.uint8 and out.flatten().tolist() == [0, 0, 128, 255, 255]
+    # 255 * (x + 1) / 2 = -127.5, 0, 127.5, 254.87, 255, 510 -> clamp, then truncate.
+    assert out.dtype == torch.uint8 and out.flatten().tolist() == [0, 0, 127, 254, 255, 255]
 
 
 def test_save_grid_places_image_k_at_row_k_div_nrow_and_column_k_mod_nrow(tmp_path):
