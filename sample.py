@@ -10,7 +10,9 @@ Every sample i has its own noise and label drawn from (--seed, i), so the result
 on the number of GPUs, and an interrupted run resumes without redoing finished batches.
 """
 import argparse
+import json
 import os
+import time
 import zipfile
 
 import numpy as np
@@ -25,7 +27,7 @@ from model import SiT_models, load_weights, read_checkpoint
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="checkpoint .pt (ours or the official release)")
+    p.add_argument("--ckpt", default=None, help="checkpoint .pt (ours or the official release)")
     p.add_argument("--out", default=None, help="output .png (grid) or .npz (--num-samples); default: samples/")
     g = p.add_argument_group("model, for official checkpoints (ours record their own)")
     g.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models))
@@ -51,7 +53,12 @@ def get_args(argv=None):
     p.add_argument("--per-proc-batch-size", type=int, default=64)
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast on GPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    return p.parse_args(argv)
+    p.add_argument("--benchmark", action="store_true", help="time sampling on random weights (GPU), no --ckpt")
+    p.add_argument("--benchmark-runs", type=int, default=3)
+    args = p.parse_args(argv)
+    if args.ckpt is None and not args.benchmark:
+        p.error("--ckpt is required (or --benchmark)")
+    return args
 
 
 def build_model(ckpt, args):
@@ -87,18 +94,60 @@ def noise_and_labels(indices, model, args, device):
     return torch.stack(xs).to(device), cls, torch.stack(ys).to(device)
 
 
-def generate(model, vae, scale, x, cls, y, args):
-    """Latent samples -> uint8 images (N, 3, H, W), decoded by the VAE."""
+def sample_latents(model, x, cls, y, args, generator=None):
+    """Run the chosen sampler from start noise (x, cls) with labels y -> latents (N, C, h, w)."""
     common = dict(cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
                   guidance_high=args.guidance_high, null_label=model.num_classes)
     amp = args.precision == "bf16" and x.device.type == "cuda"
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
         if args.mode == "sde":
-            z, _ = sample_sde(model, x, y, cls, steps=args.num_steps, path=args.path_type, **common)
+            z, _ = sample_sde(model, x, y, cls, steps=args.num_steps, path=args.path_type,
+                              generator=generator, **common)
         else:
             z, _ = sample_ode(model, x, y, cls, steps=args.num_steps, method="heun" if args.heun else "euler",
                               **common)
-        return to_uint8(vae.decode(z.float() / scale).float())
+    return z
+
+
+def generate(model, vae, scale, x, cls, y, args, generator=None):
+    """Start noise and labels -> uint8 images (N, 3, H, W), decoded by the VAE in float32."""
+    z = sample_latents(model, x, cls, y, args, generator)
+    return to_uint8(vae.decode(z.float() / scale).float())
+
+
+def benchmark(args, device):
+    """Time the sampler, decoding excluded, on random weights of --model at --per-proc-batch-size,
+    and compare its output with a strict-fp32 run (TF32 off) from the same noise."""
+    model = SiT_models[args.model](input_size=args.resolution // 8, num_classes=args.num_classes,
+                                   encoder_depth=args.encoder_depth, z_dim=args.z_dim).to(device).eval()
+    with torch.no_grad():  # zero-initialised layers would make the velocity trivially zero
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0, 0.02)
+    run_model = torch.compile(model) if args.compile else model
+    x, cls, y = noise_and_labels(range(args.per_proc_batch_size), model, args, device)
+
+    def run(net):
+        return sample_latents(net, x, cls, y, args, torch.Generator(device).manual_seed(args.seed))
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run(run_model)  # warm-up: compilation, autotuning
+    sync()
+    start = time.time()
+    for _ in range(args.benchmark_runs):
+        z = run(run_model)
+    sync()
+    seconds = (time.time() - start) / args.benchmark_runs
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    precision, args.precision = args.precision, "fp32"
+    reference = run(model).float()
+    error = ((z.float() - reference).norm() / reference.norm()).item()
+    print(json.dumps(dict(model=args.model, batch=args.per_proc_batch_size, mode=args.mode, steps=args.num_steps,
+                          cfg=args.cfg_scale, precision=precision, compile=args.compile,
+                          img_per_s=round(args.per_proc_batch_size / seconds, 2), seconds_per_batch=round(seconds, 2),
+                          peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+                          if device.type == "cuda" else 0.0,
+                          rel_l2_vs_fp32=round(error, 5))), flush=True)
 
 
 def write_npz(path, parts, shape):
@@ -124,6 +173,8 @@ def main(args):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
+    if args.benchmark:
+        return benchmark(args, device)
     ckpt = read_checkpoint(args.ckpt)
     model, vae_name, scale = build_model(ckpt, args)
     model = model.to(device)
@@ -136,7 +187,8 @@ def main(args):
             classes = args.classes or list(range(min(model.num_classes, 8)))
             labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)
             x, cls, _ = noise_and_labels(range(len(labels)), model, args, device)
-            images = generate(run_model, vae, scale, x, cls, labels, args)
+            images = generate(run_model, vae, scale, x, cls, labels, args,
+                              torch.Generator(device).manual_seed(args.seed))
             out = args.out or os.path.join("samples", f"{name}-grid.png")
             os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
             save_grid(images, out, nrow=args.per_class)
@@ -153,7 +205,8 @@ def main(args):
         for b in mine:
             indices = range(b * batch, min((b + 1) * batch, args.num_samples))
             x, cls, y = noise_and_labels(indices, model, args, device)
-            images = generate(run_model, vae, scale, x, cls, y, args).permute(0, 2, 3, 1).cpu().numpy()
+            generator = torch.Generator(device).manual_seed(args.seed * 10_000_019 + b)  # SDE noise of batch b
+            images = generate(run_model, vae, scale, x, cls, y, args, generator).permute(0, 2, 3, 1).cpu().numpy()
             with open(f"{parts[b]}.tmp", "wb") as f:  # atomic: a killed run leaves no half part
                 np.savez(f, images=images, labels=y.cpu().numpy())
             os.replace(f"{parts[b]}.tmp", parts[b])
