@@ -52,6 +52,7 @@ def get_args(argv=None):
     p.add_argument("--enc-type", default="dinov2-vit-b", help="dinov2-vit-{s,b,l,g}[-reg], or stand-in")
     p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (default: timm's hub weights); "
                    "'random' for speed benchmarks only")
+    p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=float, default=0.03, help="class-token loss weight (0: no class token)")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
@@ -305,7 +306,7 @@ def main(args):
     grid_y = torch.arange(grid_n) % dataset.num_classes
     grid_x = torch.randn(grid_n, dataset.latent_channels, latent_size, latent_size, generator=grid_gen)
     grid_cls = torch.randn(grid_n, encoder.embed_dim, generator=grid_gen)
-    vae = load_vae(dataset.vae).to(device) if master else None
+    vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master else None
 
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     rows = []
