@@ -302,8 +302,8 @@ def main(args):
 
     # Fixed noise and labels for the sample grids: the same on every rank and after a resume.
     grid_gen = torch.Generator().manual_seed(args.seed)
-    grid_n = min(8 * dataset.num_classes, 64)
-    grid_y = torch.arange(grid_n) % dataset.num_classes
+    grid_y = torch.arange(min(dataset.num_classes, 10)).repeat_interleave(8)  # a row of 8 per class
+    grid_n = len(grid_y)
     grid_x = torch.randn(grid_n, dataset.latent_channels, latent_size, latent_size, generator=grid_gen)
     grid_cls = torch.randn(grid_n, encoder.embed_dim, generator=grid_gen)
     vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master else None
@@ -389,6 +389,7 @@ def main(args):
         print(f"done: {step} steps; checkpoints, samples and loss.png in {run_dir}")
     if world > 1:
         dist.destroy_process_group()
+    return model, ema
 
 
 if __name__ == "__main__":
