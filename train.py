@@ -257,7 +257,6 @@ def main(args):
         opt.load_state_dict(ckpt["opt"])
         scaler.load_state_dict(ckpt["scaler"])
         step = ckpt["steps"]
-        set_rng_state(ckpt["rng"][rank], device)
 
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
     run_encoder = encoder
@@ -265,6 +264,8 @@ def main(args):
         train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
     loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, rank, world,
                          seed=args.seed, num_workers=args.num_workers, start_step=step)
+    if resume:  # only now: creating the loader's iterator draws a seed from the global RNG
+        set_rng_state(ckpt["rng"][rank], device)
 
     accum = args.gradient_accumulation_steps
 
