@@ -18,14 +18,18 @@ import torch.nn.functional as F
 PATHS = ("linear", "cosine")
 
 
+def check_path(path):
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+
+
 def interpolant(t, path="linear"):
     """alpha_t, sigma_t and their time derivatives for t in [0, 1] (any shape, any dtype)."""
+    check_path(path)
     if path == "linear":
         return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path == "cosine":  # GVP: alpha^2 + sigma^2 = 1
-        a, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)
-        return a, s, -math.pi / 2 * s, math.pi / 2 * a
-    raise ValueError(f"unknown path {path!r}; choose one of {PATHS}")
+    a, s = torch.cos(t * math.pi / 2), torch.sin(t * math.pi / 2)  # cosine (GVP): a^2 + s^2 = 1
+    return a, s, -math.pi / 2 * s, math.pi / 2 * a
 
 
 def sample_time(n, schedule="uniform", path="linear", device=None, generator=None):
@@ -33,6 +37,7 @@ def sample_time(n, schedule="uniform", path="linear", device=None, generator=Non
     if schedule == "uniform":
         return torch.rand(n, device=device, generator=generator)
     if schedule == "lognormal":
+        check_path(path)
         s = torch.randn(n, device=device, generator=generator).exp()
         return s / (1 + s) if path == "linear" else 2 / math.pi * torch.atan(s)
     raise ValueError(f"unknown time schedule {schedule!r}; choose 'uniform' or 'lognormal'")
@@ -142,7 +147,7 @@ def sample_sde(model, x, y, cls=None, *, steps=250, cfg_scale=1.0, cls_cfg_scale
     `steps` model evaluations. The state is kept in float64; the model sees x's dtype.
     Returns the samples (x, cls) at t = 0 in x's dtype (cls is None when not given).
     """
-    interpolant(torch.zeros(1), path)  # reject an unknown path before any model call
+    check_path(path)
     if steps < 2:
         raise ValueError("the SDE sampler needs steps >= 2")
     guide = Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, null_label)
