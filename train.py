@@ -259,6 +259,8 @@ def main(args):
         step = ckpt["steps"]
 
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
+    if world > 1 and not resume:  # DDP gave every rank rank 0's initial weights: start the EMA there too
+        ema.load_state_dict(model.state_dict())
     run_encoder = encoder
     if use_compile:
         train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
