@@ -72,11 +72,11 @@ def build_model(ckpt, args):
     config = dict(config)
     name, vae, scale = config.pop("model"), config.pop("vae"), config.pop("scaling_factor")
     model = SiT_models[name](**config)
-    missing, unexpected = model.load_state_dict(load_weights(args.ckpt), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{args.ckpt} does not fit {name} with {config}: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}. For official checkpoints set --model, "
-                         "--resolution and --encoder-depth to the run's values.")
+    try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
+        model.load_state_dict(load_weights(args.ckpt))
+    except RuntimeError as e:
+        raise ValueError(f"{args.ckpt} does not fit {name} with {config} (differences above). For official "
+                         "checkpoints set --model, --resolution and --encoder-depth to the run's values.") from e
     return model.eval().requires_grad_(False), vae, scale
 
 
