@@ -150,6 +150,25 @@ def benchmark(args, device):
                           rel_l2_vs_fp32=round(error, 5))), flush=True)
 
 
+def check_parts_settings(parts_dir, args):
+    """Parts are reused only by a run with the same settings: the first run records them in the
+    folder, and a run with other flags (another --cfg-scale, --seed, batch size, ...) is refused
+    rather than mixing two runs' samples into one .npz."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "compile")}
+    path = os.path.join(parts_dir, "settings.json")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"  # every rank may write it: the same text, replaced atomically
+        with open(tmp, "w") as f:
+            json.dump(settings, f)
+        os.replace(tmp, path)
+    with open(path) as f:
+        found = json.load(f)
+    different = {k: (found.get(k), v) for k, v in settings.items() if found.get(k) != v}
+    if different:
+        raise ValueError(f"{parts_dir} holds samples made with other settings (found, asked): {different}; "
+                         "rerun with the same flags, or choose another --out")
+
+
 def write_npz(path, parts, shape):
     """Stream the parts into one .npz with `arr_0` (N, H, W, 3) uint8, as the ADM evaluator reads
     it, without holding all 50K images in memory."""
@@ -198,6 +217,7 @@ def main(args):
         out = args.out or os.path.join("samples", f"{name}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}.npz")
         parts_dir = f"{out}.parts"
         os.makedirs(parts_dir, exist_ok=True)
+        check_parts_settings(parts_dir, args)
         batch = args.per_proc_batch_size
         num_batches = -(-args.num_samples // batch)
         parts = [os.path.join(parts_dir, f"{b:06d}.npz") for b in range(num_batches)]
