@@ -1,0 +1,245 @@
+"""Specification of train.py: a short run on the built-in data end to end, atomic checkpoints,
+bit-exact resume after a kill, a clean stop on a non-finite loss, and two CPU ranks (gloo)."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+from model import read_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = "SiT-T-4-builtin"  # the run directory train.py names after the built-in default model
+TINY = ["--global-batch-size", "8", "--sample-steps", "2", "--num-workers", "0", "--log-every", "1"]
+LOSS_TERMS = ("step", "loss", "denoise", "proj", "cls", "grad_norm")  # the logged columns that are not timings
+
+
+def train_run(out, *flags):
+    """train.py on the built-in data with tiny settings, in this process -> (model, ema)."""
+    return train.main(train.get_args(["--output-dir", str(out), *TINY, *flags]))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def loss_failing_from_call(k, value):
+    """flow.training_loss whose total becomes `value` (nan, inf) from its k-th call (1-based) on."""
+    real, calls = train.training_loss, []
+
+    def loss(*args, **kwargs):
+        losses = real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) >= k:
+            losses["loss"] = losses["loss"] * value
+        return losses
+    return loss
+
+
+def killed_at_call(k):
+    """flow.training_loss that raises KeyboardInterrupt (as a kill would stop the run) at its k-th call."""
+    real, calls = train.training_loss, []
+
+    def loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*args, **kwargs)
+    return loss
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    model, ema = train_run(out, "--max-train-steps", "4", "--checkpoint-every", "2", "--sample-every", "2",
+                           "--ema-decay", "0.99")
+    return dict(dir=os.path.join(out, RUN), model=model, ema=ema)
+
+
+def test_run_writes_a_checkpoint_every_checkpoint_every_steps_and_nothing_half_written(short_run):
+    assert sorted(os.listdir(os.path.join(short_run["dir"], "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+
+
+def test_checkpoint_has_the_official_layout_plus_what_resume_and_sampling_need(short_run):
+    ckpt = read_checkpoint(os.path.join(short_run["dir"], "checkpoints", "0000004.pt"))
+    assert {"model", "ema", "opt", "args", "steps"} <= ckpt.keys()  # the REG/REPA release's keys
+    assert {"config", "rng", "scaler", "world_size"} <= ckpt.keys()
+    assert ckpt["steps"] == 4 and ckpt["world_size"] == 1
+    assert isinstance(ckpt["args"], argparse.Namespace) and ckpt["args"].model == "SiT-T/4"
+    assert ckpt["config"]["model"] == "SiT-T/4" and ckpt["config"]["vae"] == "pixels"
+
+
+def test_last_checkpoint_holds_the_model_and_ema_that_main_returns(short_run):
+    ckpt = read_checkpoint(os.path.join(short_run["dir"], "checkpoints", "0000004.pt"))
+    for key in ("model", "ema"):
+        state = short_run[key].state_dict()
+        assert state.keys() == ckpt[key].keys()
+        assert all(torch.equal(state[k], ckpt[key][k]) for k in state)
+
+
+def test_ema_lags_behind_the_trained_model(short_run):
+    # Zero-initialised layers move in training; after 4 steps at decay 0.99 the EMA holds about
+    # 4% of their weights.
+    trained = short_run["model"].final_layer.linear.weight
+    averaged = short_run["ema"].final_layer.linear.weight
+    assert trained.abs().sum() > 0
+    assert 0 < averaged.abs().sum() < 0.1 * trained.abs().sum()
+
+
+def test_metrics_have_a_row_per_logged_step_with_finite_loss_terms(short_run):
+    rows = metrics(short_run["dir"])
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for row in rows:
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in LOSS_TERMS)
+
+
+def test_logged_loss_is_the_weighted_sum_of_its_logged_terms(short_run):
+    # Defaults: --proj-coeff 0.5, --cls-coeff 0.03 (REG's loss, REFERENCE section 5).
+    for row in metrics(short_run["dir"]):
+        expected = row["denoise"] + 0.5 * row["proj"] + 0.03 * row["cls"]
+        assert row["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_denoising_loss_falls_over_the_first_steps(short_run):
+    # A fresh model predicts zero velocity; a few steps at lr 1e-3 learn the data's mean at least.
+    rows = metrics(short_run["dir"])
+    assert rows[-1]["denoise"] < rows[0]["denoise"]
+
+
+def test_loss_plot_is_written(short_run):
+    with Image.open(os.path.join(short_run["dir"], "loss.png")) as image:
+        assert image.size == (640, 360)
+
+
+def test_sample_grid_has_a_row_of_eight_for_each_of_the_ten_classes(short_run):
+    # save_grid: 32-pixel tiles, each with a 2-pixel border on its top and left, plus one on the far side.
+    for step in (2, 4):
+        with Image.open(os.path.join(short_run["dir"], f"samples_{step:07d}.png")) as image:
+            assert image.mode == "RGB" and image.size == (8 * 34 + 2, 10 * 34 + 2)
+
+
+def test_another_model_in_the_same_run_directory_is_refused_with_advice(short_run):
+    before = sorted(os.listdir(os.path.join(short_run["dir"], "checkpoints")))
+    with pytest.raises(ValueError, match="--model SiT-T/4.*Use another --exp-name"):
+        train_run(os.path.dirname(short_run["dir"]), "--exp-name", RUN, "--model", "SiT-T/8",
+                  "--max-train-steps", "6")
+    assert sorted(os.listdir(os.path.join(short_run["dir"], "checkpoints"))) == before
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "0000002.pt")
+    train.save_checkpoint(path, {"steps": 2})
+
+    def crash_while_writing(obj, f):  # a kill or a full disk in the middle of torch.save
+        with open(f, "wb") as partial:
+            partial.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(torch, "save", crash_while_writing)
+    with pytest.raises(OSError):
+        train.save_checkpoint(path, {"steps": 4})
+    monkeypatch.undo()
+    assert torch.load(path)["steps"] == 2
+    assert train.latest_checkpoint(str(tmp_path)) == path
+
+
+def test_update_ema_is_decay_times_ema_plus_one_minus_decay_times_model():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.9 * e + 0.1 * m for e, m in zip(ema.parameters(), model.parameters())]
+    train.update_ema(ema, model, 0.9)
+    for got, want in zip(ema.parameters(), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_resume_after_a_kill_continues_the_uninterrupted_run_bit_for_bit(tmp_path, monkeypatch):
+    flags = ["--max-train-steps", "6", "--checkpoint-every", "3"]
+    train_run(tmp_path / "straight", *flags)
+
+    # Killed during step 5: the step-3 checkpoint exists, metrics already have step 4, and a kill
+    # inside a checkpoint write leaves only a .tmp file behind.
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(train, "training_loss", killed_at_call(5))
+        with pytest.raises(KeyboardInterrupt):
+            train_run(killed, *flags)
+    ckpt_dir = killed / RUN / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["0000003.pt"]
+    (ckpt_dir / "0000006.pt.tmp").write_bytes(b"half a checkpoint")
+    train_run(killed, *flags)
+
+    a = read_checkpoint(str(tmp_path / "straight" / RUN / "checkpoints" / "0000006.pt"))
+    b = read_checkpoint(str(ckpt_dir / "0000006.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+    assert torch.equal(a["rng"][0]["cpu"], b["rng"][0]["cpu"])
+    rows_a, rows_b = metrics(tmp_path / "straight" / RUN), metrics(killed / RUN)
+    assert [[r[k] for k in LOSS_TERMS] for r in rows_b] == [[r[k] for k in LOSS_TERMS] for r in rows_a]
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_loss_stops_with_floating_point_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
+    monkeypatch.setattr(train, "training_loss", loss_failing_from_call(3, bad))
+    with pytest.raises(FloatingPointError, match="non-finite loss.*last good checkpoint"):
+        train_run(tmp_path, "--max-train-steps", "6", "--checkpoint-every", "2", "--log-every", "2")
+    ckpt_dir = tmp_path / RUN / "checkpoints"
+    assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt"]  # the step-4 checkpoint was not written
+    ckpt = read_checkpoint(str(ckpt_dir / "0000002.pt"))
+    assert ckpt["steps"] == 2
+    assert all(torch.isfinite(t).all() for key in ("model", "ema") for t in ckpt[key].values())
+    assert [r["step"] for r in metrics(tmp_path / RUN)] == [2]
+
+
+WRAPPER = """
+import os, sys
+import torch
+sys.path.insert(0, {repo!r})
+import data, train
+
+seen = []  # dataset indices this rank loaded, in order
+
+
+class RecordingShapes(data.BuiltinShapes):
+    def __getitem__(self, index):
+        seen.append(index)
+        return super().__getitem__(index)
+
+
+train.BuiltinShapes = RecordingShapes
+model, ema = train.main(train.get_args(sys.argv[2:]))
+torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen}},
+           os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
+"""
+
+
+def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO))
+    steps, local_batch = 4, 4  # global batch 8 over 2 ranks
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           str(tmp_path), "--output-dir", str(tmp_path / "runs"), *TINY, "--max-train-steps", str(steps),
+           "--checkpoint-every", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    if result.returncode and any(s in result.stderr for s in ("Address already in use", "EADDRINUSE",
+                                                               "Cannot assign requested address")):
+        pytest.skip(f"torchrun could not open a local port on this machine: {result.stderr[-500:]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("model", "ema"):
+        state0, state1 = ranks[0][key], ranks[1][key]
+        assert all(torch.equal(state0[k], state1[k]) for k in state0), key
+    assert ranks[0]["model"]["final_layer.linear.weight"].abs().sum() > 0  # zero at init: it trained
+    seen0, seen1 = ranks[0]["seen"], ranks[1]["seen"]
+    assert len(seen0) == len(seen1) == steps * local_batch
+    assert not set(seen0) & set(seen1)
+    ckpt = read_checkpoint(str(tmp_path / "runs" / RUN / "checkpoints" / f"{steps:07d}.pt"))
+    assert ckpt["world_size"] == 2
+    assert all(torch.equal(ckpt["model"][k], ranks[0]["model"][k]) for k in ckpt["model"])
