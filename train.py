@@ -138,31 +138,34 @@ def latest_checkpoint(ckpt_dir):
 
 
 def plot_losses(rows, path, keys=("loss", "denoise", "proj", "cls")):
-    """A small PNG of the loss curves (log-scale y) drawn with PIL, to keep matplotlib out."""
+    """A small PNG of the loss curves drawn with PIL, to keep matplotlib out. Linear axis: the
+    total and the projection term (a negative cosine similarity) go below zero."""
     colors = {"loss": (20, 20, 20), "denoise": (31, 119, 180), "proj": (214, 39, 40), "cls": (44, 160, 44)}
+    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
+    series = {k: s for k, s in series.items() if len(s) > 1}
+    if not series:
+        return
     W, H, pad = 640, 360, 40
+    steps = [x for s in series.values() for x, _ in s]
+    values = [y for s in series.values() for _, y in s]
+    x0, x1 = min(steps), max(steps) + 1e-9
+    lo, hi = min(values), max(values) + 1e-9
+
+    def to_px(x, y):
+        return pad + (x - x0) / (x1 - x0) * (W - 2 * pad), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
+
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
     draw.rectangle([pad, pad, W - pad, H - pad], outline=(160, 160, 160))
-    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
-    series = {k: s for k, s in series.items() if s}
-    # -proj is a negative cosine similarity: plot 1 + proj, which is >= 0, on the log axis.
-    shifted = {k: [(x, (1 + y if k == "proj" else y)) for x, y in s] for k, s in series.items()}
-    values = [max(y, 1e-6) for s in shifted.values() for _, y in s]
-    steps = [x for s in shifted.values() for x, _ in s]
-    if len(steps) < 2:
-        return
-    lo, hi = math.log10(min(values)), math.log10(max(values)) + 1e-9
-    x0, x1 = min(steps), max(steps) + 1e-9
-    for i, (k, s) in enumerate(shifted.items()):
-        pts = [(pad + (x - x0) / (x1 - x0) * (W - 2 * pad),
-                H - pad - (math.log10(max(y, 1e-6)) - lo) / (hi - lo) * (H - 2 * pad)) for x, y in s]
-        draw.line(pts, fill=colors[k], width=2)
-        draw.text((pad + 10 + 110 * i, 12), "1 + proj" if k == "proj" else k, fill=colors[k])
+    if lo < 0 < hi:
+        draw.line([to_px(x0, 0), to_px(x1, 0)], fill=(200, 200, 200))
+    for i, (k, s) in enumerate(series.items()):
+        draw.line([to_px(x, y) for x, y in s], fill=colors[k], width=2)
+        draw.text((pad + 10 + 110 * i, 12), k, fill=colors[k])
     draw.text((pad, H - pad + 8), f"step {x0}", fill=(0, 0, 0))
     draw.text((W - pad - 80, H - pad + 8), f"step {int(x1)}", fill=(0, 0, 0))
-    draw.text((4, pad), f"{10 ** hi:.3g}", fill=(0, 0, 0))
-    draw.text((4, H - pad - 10), f"{10 ** lo:.3g}", fill=(0, 0, 0))
+    draw.text((4, pad - 6), f"{hi:.3g}", fill=(0, 0, 0))
+    draw.text((4, H - pad - 6), f"{lo:.3g}", fill=(0, 0, 0))
     img.save(path)
 
 
@@ -248,10 +251,9 @@ def main(args):
     resume = None if args.benchmark_steps else latest_checkpoint(ckpt_dir)
     if resume:
         ckpt = read_checkpoint(resume)
-        if ckpt["args"].model != args.model or ckpt["world_size"] != world:
-            raise ValueError(f"{resume} was written by a run with --model {ckpt['args'].model} on "
-                             f"{ckpt['world_size']} processes; this run has {args.model} on {world}. "
-                             "Use another --exp-name for a new run.")
+        if ckpt["args"].model != args.model:
+            raise ValueError(f"{resume} was written by a run with --model {ckpt['args'].model}; this "
+                             f"run has {args.model}. Use another --exp-name for a new run.")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
@@ -266,8 +268,14 @@ def main(args):
         train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
     loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, rank, world,
                          seed=args.seed, num_workers=args.num_workers, start_step=step)
-    if resume:  # only now: creating the loader's iterator draws a seed from the global RNG
+    if resume and ckpt["world_size"] == world:  # only now: the loader's iterator draws from the RNG
         set_rng_state(ckpt["rng"][rank], device)
+    elif resume:  # e.g. more nodes than before: fine, but not the run an uninterrupted job would be
+        torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)
+        if master:
+            print(f"note: {resume} was written by {ckpt['world_size']} processes and this run has "
+                  f"{world}: training continues, with another data order and noise than an "
+                  "uninterrupted run would have had")
 
     accum = args.gradient_accumulation_steps
 
