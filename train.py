@@ -206,7 +206,8 @@ def main(args):
     master = rank == 0
     torch.manual_seed(args.seed * world + rank)  # a different noise stream on every rank
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    if args.compile is None:  # on by default on GPU; on CPU compilation costs more than it saves
+        args.compile = device.type == "cuda"
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
     if device.type == "cpu":
         amp_dtype = None  # CPU autocast is slower than fp32 for these shapes
@@ -264,7 +265,7 @@ def main(args):
     if world > 1 and not resume:  # DDP gave every rank rank 0's initial weights: start the EMA there too
         ema.load_state_dict(model.state_dict())
     run_encoder = encoder
-    if use_compile:
+    if args.compile:
         train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
     loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, rank, world,
                          seed=args.seed, num_workers=args.num_workers, start_step=step)
