@@ -23,6 +23,10 @@ chunks, and rerunning it over a finished dataset does nothing. On-disk format of
     skipped.txt   one line per unreadable file: "synset/file<TAB>error"
     manifest.json resolution, vae, latent_channels, downsample, scaling_factor, count, ...
     progress/     per-chunk markers of the run (kept so a rerun knows what is done)
+
+For speed benchmarks, random data in the same format (no VAE, no images needed):
+
+    python data.py synthetic --dst /tmp/reg-synthetic --count 20000
 """
 import argparse
 import datetime
