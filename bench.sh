@@ -2,6 +2,7 @@
 # GPU benchmarks of BENCHMARKS.md: training and sampling throughput of SiT-XL/2 + REG on one GPU.
 # Weights are random (speed does not depend on them); data is synthetic with ImageNet's shapes.
 #   bash bench.sh [train|sample|loader|all]     (results: one JSON line per run)
+# Kernel-level breakdowns: python3 bench_profile.py train|sample|attention
 set -euo pipefail
 cd "$(dirname "$0")"
 what=${1:-all}
