@@ -1,0 +1,125 @@
+"""The plumbing every script shares: processes under torchrun, errors for people, images out.
+
+    processes = setup_processes()      # rank, local_rank, world_size, device; torchrun or not
+    raise UserError("no checkpoint at x.pt; give the path of a .pt file written by train.py")
+    parser = ArgumentParser(description=__doc__)   # --help shows every default
+    run(main)                          # a UserError becomes one line `error: ...` and exit status 2
+    save_grid(to_uint8(images), "grid.png", nrow=8)
+"""
+import argparse
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+
+# ----------------------------------------------------------------------------- errors for people
+
+class UserError(Exception):
+    """A mistake the user can fix (a path, a missing weight file, a bad flag, a corrupt checkpoint).
+
+    The message says what is wrong and what to do. Scripts print it as one line `error: ...` and
+    exit with status 2, without a traceback; tracebacks are kept for bugs.
+    """
+
+
+def run(main, *args):
+    """Call main(*args) as a script's entry point, turning a UserError into one line on stderr."""
+    try:
+        return main(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout (its shell examples) and shows every default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with every default in --help, and one line `error: ...` for a bad flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=_HelpFormatter, **kwargs)
+
+    def error(self, message):
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------- processes
+
+@dataclass(frozen=True)
+class Processes:
+    """Where this process stands: rank among world_size processes, and its device."""
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self):
+        return self.rank == 0  # the one process that logs, plots and writes shared files
+
+
+def setup_processes(timeout_minutes=30):
+    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process.
+
+    One process per GPU (NCCL), or gloo processes on CPU. `timeout_minutes` bounds how long a
+    collective waits for a slow rank (data.py prepare lists 1.28M files on rank 0 meanwhile).
+    """
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return Processes(0, 0, 1, device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return Processes(dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size(), device)
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
+def cleanup_processes():
+    if distributed():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- images out
+
+def to_uint8(x):
+    """Decoder output in [-1, 1] (N, 3, H, W) -> uint8 (N, 3, H, W) by floor(255 (x + 1) / 2).
+
+    Truncation, not rounding, as the REPA/REG release's generate.py writes its FID samples:
+    FID is sensitive enough to a half-level shift of every pixel to keep this identical.
+    """
+    return torch.clamp(255 * (x + 1) / 2, 0, 255).to(torch.uint8)
+
+
+def save_grid(images, path, nrow=8, padding=2):
+    """Save (N, 3, H, W) images (uint8, or floats in [-1, 1]) as a PNG grid, `nrow` images per row."""
+    images = images.detach().cpu()
+    if images.dtype != torch.uint8:
+        images = to_uint8(images.float())
+    n, _, h, w = images.shape
+    rows = -(-n // nrow)
+    # Blank tiles fill the last row; each tile gets a border on its top and left, the grid on its bottom and right.
+    images = torch.cat([images, images.new_zeros(rows * nrow - n, 3, h, w)])
+    tiles = torch.nn.functional.pad(images, (padding, 0, padding, 0))  # (rows*nrow, 3, p+H, p+W)
+    grid = tiles.view(rows, nrow, 3, padding + h, padding + w).permute(0, 3, 1, 4, 2)  # (rows, p+H, nrow, p+W, 3)
+    grid = grid.reshape(rows * (padding + h), nrow * (padding + w), 3)
+    grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(grid.numpy()).save(path)
