@@ -1,10 +1,9 @@
 """Training data for REG: ImageNet prepared once into memmaps, a built-in toy dataset, a resumable loader.
 
-Also the way images leave the program (to_uint8, save_grid) and a small progress printer.
-
-REFERENCE §2 and §5: images are center-cropped as in ADM and stored as uint8; the SD-VAE posterior
-moments (mean, std) of every image are computed once and stored in float32, so that each training
-step can sample the posterior (train.py does that) without running the VAE encoder.
+Images are center-cropped as in ADM (arXiv 2105.05233, its image_datasets.py) and stored as
+uint8 for DINOv2; the SD-VAE posterior moments (mean, std) of every image are computed once and
+stored in float32, so that each training step samples a fresh latent from the posterior (train.py
+does that) without running the VAE encoder, as REPA's preprocessing does (arXiv 2410.06940).
 
 Prepare ImageNet (ILSVRC train layout: one folder per synset), on one GPU or on eight:
 
@@ -28,17 +27,16 @@ For speed benchmarks, random data in the same format (no VAE, no images needed):
 
     python data.py synthetic --dst /tmp/reg-synthetic --count 20000
 """
-import argparse
-import datetime
 import json
 import os
-import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from tqdm import tqdm
+
+from util import ArgumentParser, barrier, cleanup_processes, run, setup_processes
 
 FORMAT_VERSION = 1
 
@@ -96,40 +94,6 @@ class _ImageFiles(Dataset):
             array = np.zeros((3, self.resolution, self.resolution), dtype=np.uint8)
             error = f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
         return row, torch.from_numpy(np.ascontiguousarray(array)), error
-
-
-class Progress:
-    """tqdm when it is installed (it is not a dependency), else a printed line every 30 s.
-
-    `enabled=False` (ranks other than 0) makes it silent.
-    """
-
-    def __init__(self, total, desc="", enabled=True):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.done, self.start, self.last = 0, time.time(), 0.0
-        try:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, desc=desc, disable=not enabled)
-        except ImportError:
-            self.bar = None
-
-    def update(self, n=1):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        elif self.enabled and (time.time() - self.last > 30 or self.done >= self.total):
-            self.last = time.time()
-            rate = self.done / max(self.last - self.start, 1e-9)
-            print(f"{self.desc} {self.done}/{self.total} ({rate:.1f}/s)".strip(), flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _write_atomic(path, text):
@@ -194,7 +158,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
             _open_arrays(dst, {"images": (n, 3, resolution, resolution), "moments": (n, *moment_shape),
                                "valid": (n,)})
             _write_atomic(config_path, json.dumps(config))
-    _barrier()
+    barrier()
     with open(os.path.join(dst, "files.txt")) as f:
         files = f.read().splitlines()
     with open(os.path.join(progress, "config.json")) as f:
@@ -217,7 +181,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     skipped = {k: [] for k in mine}
     loader = DataLoader(_ImageFiles(src, files, resolution), batch_sampler=batches, num_workers=workers,
                         pin_memory=str(device).startswith("cuda"))
-    bar = Progress(sum(remaining.values()), "images", enabled=rank == 0)
+    bar = tqdm(total=sum(remaining.values()), desc="images", disable=rank != 0)
     for rows, images, errors in loader:
         start, stop = int(rows[0]), int(rows[-1]) + 1  # a batch is a contiguous run of rows
         good = torch.tensor([not e for e in errors])
@@ -240,7 +204,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
             _write_atomic(marker(k), json.dumps({"chunk": k, "skipped": skipped[k]}))
         bar.update(len(rows))
     bar.close()
-    _barrier()
+    barrier()
     if rank == 0:
         _finish(dst, config, files, num_chunks, marker)
 
@@ -448,37 +412,10 @@ def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, start_
     return iter(loader)
 
 
-# ----------------------------------------------------------------------------- images out
-
-def to_uint8(x):
-    """Decoder output in [-1, 1] (N, 3, H, W) -> uint8 (N, 3, H, W) by floor(255 (x + 1) / 2).
-
-    Truncation, not rounding, as the REPA/REG release's generate.py writes its FID samples:
-    FID is sensitive enough to a half-level shift of every pixel to keep this identical.
-    """
-    return torch.clamp(255 * (x + 1) / 2, 0, 255).to(torch.uint8)
-
-
-def save_grid(images, path, nrow=8, padding=2):
-    """Save (N, 3, H, W) images (uint8, or floats in [-1, 1]) as a PNG grid, `nrow` images per row."""
-    images = images.detach().cpu()
-    if images.dtype != torch.uint8:
-        images = to_uint8(images.float())
-    n, _, h, w = images.shape
-    rows = -(-n // nrow)
-    # Blank tiles fill the last row; each tile gets a border on its top and left, the grid on its bottom and right.
-    images = torch.cat([images, images.new_zeros(rows * nrow - n, 3, h, w)])
-    tiles = torch.nn.functional.pad(images, (padding, 0, padding, 0))  # (rows*nrow, 3, p+H, p+W)
-    grid = tiles.view(rows, nrow, 3, padding + h, padding + w).permute(0, 3, 1, 4, 2)  # (rows, p+H, nrow, p+W, 3)
-    grid = grid.reshape(rows * (padding + h), nrow * (padding + w), 3)
-    grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))
-    Image.fromarray(grid.numpy()).save(path)
-
-
 # ----------------------------------------------------------------------------- command line
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="center-crop and VAE-encode an ImageNet-style folder")
     p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
@@ -493,29 +430,20 @@ def main():
     p.add_argument("--dst", required=True)
     p.add_argument("--count", type=int, default=20_000)
     p.add_argument("--resolution", type=int, default=256)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.command == "synthetic":
         return write_synthetic(args.dst, args.count, args.resolution)
 
-    distributed = "RANK" in os.environ
-    rank, world_size, local_rank = 0, 1, 0
-    if distributed:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if distributed:
-        # Generous timeout: rank 0 lists 1.28M files and creates the arrays while the others wait.
-        dist.init_process_group("nccl" if device != "cpu" else "gloo", timeout=datetime.timedelta(hours=2))
+    # Generous timeout: rank 0 lists 1.28M files and creates the arrays while the others wait.
+    processes = setup_processes(timeout_minutes=120)
     import encoder  # the only model code data.py needs: the frozen VAE
-    vae = encoder.load_vae(args.vae, path=args.vae_path).to(device)
+    vae = encoder.load_vae(args.vae, path=args.vae_path).to(processes.device)
     os.makedirs(args.dst, exist_ok=True)
     prepare(args.src, args.dst, vae, args.vae, resolution=args.resolution, batch_size=args.batch_size,
-            workers=args.workers, chunk_size=args.chunk_size, device=device, rank=rank, world_size=world_size)
-    if distributed:
-        dist.destroy_process_group()
+            workers=args.workers, chunk_size=args.chunk_size, device=processes.device, rank=processes.rank,
+            world_size=processes.world_size)
+    cleanup_processes()
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

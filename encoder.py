@@ -1,7 +1,7 @@
 """Frozen pretrained networks: the DINOv2 teacher and the SD-VAE (REFERENCE.md sections 2 and 5).
 
 REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is ever trained.
-  DINOv2 through timm: uint8 images -> (cls (N, D_enc), patches (N, T, D_enc)), preprocessed as
+  DINOv2 through timm: uint8 images -> (cls (N, z_dim), patches (N, T, z_dim)), preprocessed as
     the official REPA/REG code does (/255, ImageNet normalize, bicubic resize 256 -> 224).
   AutoencoderKL: Stable Diffusion's VAE in plain PyTorch with diffusers' parameter names, so
     stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names.
@@ -67,7 +67,7 @@ class _FrozenViT(nn.Module):
     def _setup(self, vit, input_size):
         self.vit = vit
         self.input_size = input_size  # side of the ViT's input; None = the images' own size
-        self.embed_dim = vit.embed_dim
+        self.z_dim = vit.embed_dim  # the width of its tokens
         mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
         self.register_buffer("mean", mean, persistent=False)
@@ -132,11 +132,11 @@ class StandInEncoder(_FrozenViT):
     are drawn from a private RNG seeded with `seed`, so every machine and rank gets the same net.
     """
 
-    def __init__(self, resolution=256, patch_size=16, embed_dim=384, depth=4, num_heads=6, seed=0):
+    def __init__(self, resolution=256, patch_size=16, z_dim=384, depth=4, num_heads=6, seed=0):
         super().__init__()
         with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
             torch.manual_seed(seed)
-            vit = VisionTransformer(img_size=resolution, patch_size=patch_size, embed_dim=embed_dim,
+            vit = VisionTransformer(img_size=resolution, patch_size=patch_size, embed_dim=z_dim,
                                     depth=depth, num_heads=num_heads, num_classes=0)
         self._setup(vit, input_size=None)
 

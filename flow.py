@@ -51,8 +51,8 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
                   proj_coeff=0.5, cls_coeff=0.03, t=None, noise=None, cls_noise=None):
     """REG's loss for one batch; returns per-sample terms and their weighted total.
 
-    x: (N, C, H, W) clean latents; y: (N,) labels; cls: (N, Dz) clean DINOv2 class token, or None
-    for a model without the token (SiT, REPA); patches: (N, T, Dz) clean DINOv2 patch tokens, or
+    x: (N, C, H, W) clean latents; y: (N,) labels; cls: (N, z_dim) clean DINOv2 class token, or None
+    for a model without the token (SiT, REPA); patches: (N, T, z_dim) clean DINOv2 patch tokens, or
     None for a model without projector. t, noise, cls_noise may be given (tests); else drawn here.
     Returns {"loss": scalar, "denoise": (N,), "cls": (N,) or None, "proj": (N,) or None}.
     """
@@ -81,7 +81,7 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
         total = total + cls_coeff * losses["cls"].mean()
     if patches is not None:
         # Align every token of the sequence with its clean encoder token: [cls, patches] for REG.
-        z = patches if cls is None else torch.cat([cls.unsqueeze(1), patches], dim=1)  # (N, L, Dz)
+        z = patches if cls is None else torch.cat([cls.unsqueeze(1), patches], dim=1)  # (N, L, z_dim)
         if zs is None or zs.shape != z.shape:
             raise ValueError(f"projector output {None if zs is None else tuple(zs.shape)} does not "
                              f"match encoder tokens {tuple(z.shape)}: check the model's projector, "
@@ -142,7 +142,7 @@ def sample_sde(model, x, y, cls=None, *, steps=250, cfg_scale=1.0, cls_cfg_scale
                guidance_low=0.0, guidance_high=1.0, null_label=1000, path="linear", generator=None):
     """Euler-Maruyama on the reverse SDE with diffusion w(t) = 2t, as the official sampler.
 
-    x: (N, C, H, W) and cls: (N, Dz) start noise at t = 1; y: (N,) labels. Times: `steps` points
+    x: (N, C, H, W) and cls: (N, z_dim) start noise at t = 1; y: (N,) labels. Times: `steps` points
     spaced linearly from 1 to 0.04 (steps - 1 stochastic steps), then one deterministic step to 0:
     `steps` model evaluations. The state is kept in float64; the model sees x's dtype.
     Returns the samples (x, cls) at t = 0 in x's dtype (cls is None when not given).

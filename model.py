@@ -124,11 +124,11 @@ class SiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN-modulated LayerNorm, then one Linear for the patches and one for the class token."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
+    def __init__(self, hidden_size, patch_size, out_channels, z_dim=None):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
-        self.linear_cls = nn.Linear(hidden_size, cls_dim) if cls_dim else None
+        self.linear_cls = nn.Linear(hidden_size, z_dim) if z_dim else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x, c):
@@ -136,7 +136,7 @@ class FinalLayer(nn.Module):
         x = modulate(self.norm_final(x), shift, scale)  # (N, L, D)
         if self.linear_cls is None:
             return self.linear(x), None
-        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])  # (N, T, p*p*C), (N, cls_dim)
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])  # (N, T, p*p*C), (N, z_dim)
 
 
 def build_projector(hidden_size, projector_dim, z_dim):
@@ -170,7 +170,7 @@ def sincos_pos_embed_2d(dim, grid_size):
 
 class ModelOutput(NamedTuple):
     v: torch.Tensor                  # (N, C, H, W) latent velocity
-    v_cls: Optional[torch.Tensor]    # (N, cls_dim) class-token velocity, None without the token
+    v_cls: Optional[torch.Tensor]    # (N, z_dim) class-token velocity, None without the token
     zs: Optional[torch.Tensor]       # (N, 1+T, z_dim) projector outputs, None when not computed
 
 
@@ -194,6 +194,7 @@ class SiT(nn.Module):
         if projector and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
         self.in_channels = in_channels
+        self.z_dim = z_dim  # width of the DINOv2 tokens: the class token's and the projector's
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth

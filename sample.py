@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import Progress, save_grid, to_uint8
+from tqdm import tqdm
+
 from encoder import load_vae
 from flow import sample_ode, sample_sde
 from model import SiT_models, load_weights, read_checkpoint
+from util import save_grid, to_uint8
 
 
 def get_args(argv=None):
@@ -222,7 +224,7 @@ def main(args):
         num_batches = -(-args.num_samples // batch)
         parts = [os.path.join(parts_dir, f"{b:06d}.npz") for b in range(num_batches)]
         mine = [b for b in range(rank, num_batches, world) if not os.path.exists(parts[b])]
-        progress = Progress(len(mine) * world, "sampling", enabled=rank == 0)
+        progress = tqdm(total=len(mine) * world, desc="sampling", disable=rank != 0)
         for b in mine:
             indices = range(b * batch, min((b + 1) * batch, args.num_samples))
             x, cls, y = noise_and_labels(indices, model, args, device)

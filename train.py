@@ -1,8 +1,9 @@
-"""Train SiT + REG (REFERENCE.md section 5): flow matching on VAE latents, entangled with the
-DINOv2 class token, plus REPA's alignment of block `encoder_depth` with DINOv2's tokens.
+"""Train SiT + REG: flow matching on VAE latents entangled with the DINOv2 class token (REG,
+arXiv 2507.01467 section 3), plus REPA's alignment of block `encoder_depth` with DINOv2's tokens
+(REPA, arXiv 2410.06940 section 3).
 
 The default run needs no download: the built-in dataset in pixel space with a stand-in encoder
-(README, "The built-in run"); a few minutes on a laptop CPU:
+(the "builtin" preset below; README, "The built-in run"); a few minutes on a laptop CPU:
     python train.py
 ImageNet 256x256 (prepared with `python data.py prepare ...`), one GPU:
     python train.py --data-path /data/imagenet256 --model SiT-XL/2
@@ -17,102 +18,183 @@ Relaunching the same command resumes from the latest checkpoint in the run direc
 import argparse
 import copy
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data import BuiltinShapes, PreparedDataset, make_loader, save_grid
+from data import BuiltinShapes, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
 from flow import sample_sde, training_loss
 from model import SiT_models, read_checkpoint
+from util import ArgumentParser, UserError, cleanup_processes, run, save_grid, setup_processes
 
-# What `python train.py` without --data-path changes: a tiny model on 32x32 pixels that learns
-# the built-in shapes in minutes on a CPU. Everything else keeps the paper's recipe, except a
-# shorter EMA horizon (0.9999 would still mostly average the random initial weights), a larger
-# learning rate for such a short run, and sample grids with classifier-free guidance.
-BUILTIN_DEFAULTS = dict(model="SiT-T/4", enc_type="stand-in", global_batch_size=32, lr=1e-3,
-                        max_train_steps=500, ema_decay=0.99, log_every=25, sample_every=250,
-                        checkpoint_every=250, sample_steps=30, sample_cfg_scale=4.0, num_workers=0)
+# The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
+# learns the built-in shapes (32x32 pixels) in minutes on a CPU. Everything else keeps the
+# paper's recipe, except a shorter EMA horizon (0.9999 would still mostly average the random
+# initial weights), a larger learning rate for such a short run, and guided sample grids.
+BUILTIN = dict(model="SiT-T/4", enc_type="stand-in", global_batch_size=32, lr=1e-3, max_train_steps=500,
+               ema_decay=0.99, log_every=25, sample_every=250, checkpoint_every=250, sample_steps=30,
+               sample_cfg_scale=4.0, num_workers=0)
+# What each training step logs, in this order in metrics.jsonl (proj and cls only when trained).
+LOSS_TERMS = ("loss", "denoise", "proj", "cls")
+
+
+def flags(preset):
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in preset.items())
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-path", default=None, help="prepared dataset (data.py prepare); none: built-in")
-    p.add_argument("--output-dir", default="runs")
-    p.add_argument("--exp-name", default=None, help="run directory name (default: from model and data)")
-    p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models))
-    p.add_argument("--encoder-depth", type=int, default=None, help="block the projector reads (default: per size)")
+    p = ArgumentParser(description=__doc__, epilog=f"builtin preset (without --data-path; flags given "
+                       f"on the command line win): {flags(BUILTIN)}")
+    p.add_argument("--data-path", default=None, help="prepared dataset (data.py prepare); none: the builtin preset")
+    p.add_argument("--output-dir", default="runs", help="where run directories go")
+    p.add_argument("--exp-name", default=None, help="run directory name; none: from model and data")
+    p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
+    p.add_argument("--encoder-depth", type=int, default=None, help="block the projector reads; none: per size")
     p.add_argument("--enc-type", default="dinov2-vit-b", help="dinov2-vit-{s,b,l,g}[-reg], or stand-in")
-    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (default: timm's hub weights); "
-                   "'random' for speed benchmarks only")
+    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file; none: timm's hub weights")
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=float, default=0.03, help="class-token loss weight (0: no class token)")
-    p.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
+    p.add_argument("--path-type", default="linear", choices=["linear", "cosine"], help="interpolant")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
     p.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
-    p.add_argument("--global-batch-size", type=int, default=256)
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    p.add_argument("--max-train-steps", type=int, default=400_000)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--adam-beta1", type=float, default=0.9)
-    p.add_argument("--adam-beta2", type=float, default=0.999)
-    p.add_argument("--adam-weight-decay", type=float, default=0.0)
-    p.add_argument("--adam-epsilon", type=float, default=1e-8)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="autocast on GPU")
-    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="default: on GPU")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num-workers", type=int, default=8, help="data loader workers per rank")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--sample-every", type=int, default=10_000)
-    p.add_argument("--checkpoint-every", type=int, default=10_000)
+    p.add_argument("--global-batch-size", type=int, default=256, help="over all processes and accumulation")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--max-train-steps", type=int, default=400_000, help="optimizer steps (the paper: 400K; 1.36 FID at 4M)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
+    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    p.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
+    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights, per step")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="autocast on GPU (the release trains in fp16; bf16 needs no loss scaling)")
+    p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the SiT and DINOv2 (default %(default)s: on GPU, not on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader workers per process")
+    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (metrics.jsonl, loss.png)")
+    p.add_argument("--sample-every", type=int, default=10_000, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=int, default=10_000, help="steps between checkpoints")
     p.add_argument("--sample-steps", type=int, default=50, help="SDE steps of the sample grid")
     p.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG of the sample grid")
-    p.add_argument("--benchmark-steps", type=int, default=0, help="time this many steps, then exit")
-    p.add_argument("--benchmark-data", default="memory", choices=["memory", "loader"],
-                   help="benchmark on one batch held in GPU memory, or on the data loader")
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
-        p.set_defaults(**BUILTIN_DEFAULTS)
+        p.set_defaults(**BUILTIN)
     args = p.parse_args(argv)
-    if args.global_batch_size % args.gradient_accumulation_steps:
-        p.error("--global-batch-size must be divisible by --gradient-accumulation-steps")
+    args.preset = "builtin" if args.data_path is None else None
+    for name in ("global_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
+                 "sample_every", "checkpoint_every", "sample_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
-def setup_distributed():
-    """torchrun sets RANK; without it this is a single process. NCCL on GPU, gloo on CPU."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return 0, 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return rank, local_rank, world, torch.device("cuda", local_rank)
-    return rank, local_rank, world, torch.device("cpu")
+# ----------------------------------------------------------------------------- the training step
+
+def amp_dtype(precision, device):
+    """The autocast dtype: bf16 or fp16 on GPU; none on CPU, where autocast is slower than fp32 here."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision] if device.type == "cuda" else None
 
 
-def all_mean(x, world):
-    if world > 1:
-        dist.all_reduce(x)
-        x /= world
-    return x
+def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_factor):
+    """One optimizer step on this process's share of the global batch.
+
+    batch: (images (N, 3, R, R) uint8, VAE posterior moments (N, 2C, h, w), labels (N,)), split
+    into --gradient-accumulation-steps micro-batches. net runs the forward: `model` itself, or
+    wrapped by DDP and/or torch.compile; `model` holds the parameters that opt updates and that
+    the EMA follows. Returns the step's metrics as 0-d tensors on the device (no host sync):
+    the loss terms averaged over the micro-batches, and the gradient norm before clipping.
+    """
+    device = next(model.parameters()).device
+    accum = args.gradient_accumulation_steps
+    dtype = amp_dtype(args.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    metrics = {}
+    micro_batches = zip(*(t.to(device, non_blocking=True).chunk(accum) for t in batch))
+    for i, (images, moments, labels) in enumerate(micro_batches):
+        # Frozen networks: a fresh latent from the stored posterior, and DINOv2's view of the image.
+        with torch.no_grad():
+            mean, std = moments.chunk(2, dim=1)  # (n, C, h, w) each
+            x = sample_posterior(mean, std) * scaling_factor  # the latent the SiT denoises
+            with autocast:
+                cls, patches = encoder(images)  # (n, z_dim), (n, T, z_dim)
+            cls, patches = cls.float(), patches.float()
+        # DDP all-reduces gradients during backward; before the last micro-batch that is wasted work.
+        skip_sync = i < accum - 1 and hasattr(net, "no_sync")
+        with net.no_sync() if skip_sync else nullcontext():
+            with autocast:
+                losses = training_loss(net, x, labels, cls if args.cls_coeff > 0 else None,
+                                       patches if args.proj_coeff > 0 else None, path=args.path_type,
+                                       time_schedule=args.weighting, proj_coeff=args.proj_coeff,
+                                       cls_coeff=args.cls_coeff)
+            scaler.scale(losses["loss"] / accum).backward()  # the mean over micro-batches
+        for name in LOSS_TERMS:
+            if losses[name] is not None:
+                metrics[name] = metrics.get(name, 0) + losses[name].detach().mean() / accum
+    metrics["grad_norm"] = optimizer_step(model, ema, opt, scaler, args.max_grad_norm, args.ema_decay)
+    return metrics
+
+
+def optimizer_step(model, ema, opt, scaler, max_grad_norm, ema_decay):
+    """Clip, update and average the weights once the gradients are in; returns the gradient norm."""
+    scaler.unscale_(opt)  # fp16 only: divide the gradients by the loss scale, so clipping sees true values
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)  # norm before clipping
+    scaler.step(opt)  # AdamW; under fp16 the step is skipped when a gradient overflowed
+    scaler.update()  # fp16 only: grow the loss scale, or shrink it after an overflow
+    opt.zero_grad(set_to_none=True)  # free the gradients' memory until the next backward
+    update_ema(ema, model, ema_decay)  # the weights sample.py uses
+    return grad_norm.float()
 
 
 @torch.no_grad()
 def update_ema(ema, model, decay):
     # One fused foreach kernel over all parameters: ema <- decay * ema + (1 - decay) * param.
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+
+
+# ----------------------------------------------------------------------------- building blocks of main
+
+def build_encoder(args, dataset):
+    """The frozen DINOv2 (or, in the builtin preset, a small random stand-in ViT)."""
+    if args.enc_type != "stand-in":
+        return load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
+    # The stand-in's patches tile the image on the same grid as the SiT's tokens, as DINOv2's
+    # 16x16 patches of its 224-pixel input tile the 32x32 latent's 2x2 patches.
+    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
+    return load_encoder("stand-in", resolution=dataset.resolution, patch_size=dataset.resolution // grid,
+                        z_dim=192, depth=2, num_heads=3)
+
+
+def build_model(args, dataset, z_dim):
+    """The SiT, and the config that sample.py needs to rebuild it and decode its samples."""
+    kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
+                  num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
+                  cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0)
+    if args.encoder_depth is not None:
+        kwargs["encoder_depth"] = args.encoder_depth
+    model = SiT_models[args.model](**kwargs)
+    config = {"model": args.model, **kwargs, "encoder_depth": model.encoder_depth, "vae": dataset.vae,
+              "scaling_factor": dataset.scaling_factor}
+    return model, config
+
+
+def build_optimizer(args, model):
+    """AdamW as the paper (constant lr, no weight decay), and the loss scaler fp16 needs."""
+    device = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                            fused=device.type == "cuda")  # one kernel for all parameters
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(args.precision, device) == torch.float16)
+    return opt, scaler
 
 
 def rng_state(device):
@@ -137,272 +219,276 @@ def latest_checkpoint(ckpt_dir):
     return os.path.join(ckpt_dir, names[-1]) if names else None
 
 
-def plot_losses(rows, path, keys=("loss", "denoise", "proj", "cls")):
-    """A small PNG of the loss curves drawn with PIL, to keep matplotlib out. Linear axis: the
-    total and the projection term (a negative cosine similarity) go below zero."""
-    colors = {"loss": (20, 20, 20), "denoise": (31, 119, 180), "proj": (214, 39, 40), "cls": (44, 160, 44)}
+def resume(args, ckpt_dir, model, ema, opt, scaler):
+    """Load the latest checkpoint of the run directory, if any -> (step, checkpoint or None)."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return 0, None
+    ckpt = read_checkpoint(path)
+    if ckpt["args"].model != args.model:
+        raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
+                        f"{args.model}; use another --exp-name for a new run")
+    model.load_state_dict(ckpt["model"])
+    ema.load_state_dict(ckpt["ema"])
+    opt.load_state_dict(ckpt["opt"])
+    scaler.load_state_dict(ckpt["scaler"])
+    ckpt["path"] = path
+    return ckpt["steps"], ckpt
+
+
+def restore_rng(ckpt, args, processes, step):
+    """Continue each process's random stream where the checkpoint left it (bit-exact resume)."""
+    rank, world_size = processes.rank, processes.world_size
+    if ckpt is None:
+        return
+    if ckpt["world_size"] == world_size:
+        set_rng_state(ckpt["rng"][rank], processes.device)
+        return
+    # e.g. more nodes than before: fine, but not the run an uninterrupted job would have been.
+    torch.manual_seed((args.seed * world_size + rank) * 1_000_003 + step)
+    if processes.master:
+        print(f"note: {ckpt['path']} was written by {ckpt['world_size']} processes and this run has "
+              f"{world_size}: training continues, with another data order and noise than an "
+              "uninterrupted run would have had")
+
+
+def all_mean(values, world_size):
+    """{name: 0-d tensor} -> {name: float}, averaged over processes (one all-reduce, one host sync)."""
+    stacked = torch.stack([values[k] for k in sorted(values)])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    return dict(zip(sorted(values), stacked.tolist()))
+
+
+# ----------------------------------------------------------------------------- plots
+
+def smooth(values, weight=0.9):
+    """Exponential moving average, as TensorBoard smooths its curves."""
+    out, avg = [], values[0]
+    for v in values:
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg)
+    return out
+
+
+def nice_ticks(lo, hi, count=5):
+    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    span = max(hi - lo, 1e-12)
+    raw = span / count
+    magnitude = 10 ** int(f"{raw:e}".split("e")[1])
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    first = step * -(-lo // step)
+    return [first + i * step for i in range(int((hi - first) / step) + 1)]
+
+
+def plot_curves(rows, keys, path, width=720, panel_height=170):
+    """One panel per key, each on its own scale, against the step: raw values light, smoothed dark.
+
+    Drawn with PIL, so no plotting library is needed. rows: dicts with "step" and some of `keys`.
+    """
     series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
     series = {k: s for k, s in series.items() if len(s) > 1}
     if not series:
         return
-    W, H, pad = 640, 360, 40
+    left, right, top, bottom = 70, 20, 24, 30
+    image = Image.new("RGB", (width, panel_height * len(series)), "white")
+    draw = ImageDraw.Draw(image)
     steps = [x for s in series.values() for x, _ in s]
-    values = [y for s in series.values() for _, y in s]
-    x0, x1 = min(steps), max(steps) + 1e-9
-    lo, hi = min(values), max(values) + 1e-9
+    x0, x1 = min(steps), max(steps)
+    for i, (key, points) in enumerate(series.items()):
+        y_top, y_bottom = i * panel_height + top, (i + 1) * panel_height - bottom
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        lo, hi = min(ys), max(ys)
+        lo, hi = (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) if hi > lo else (lo - 1e-3, hi + 1e-3)
 
-    def to_px(x, y):
-        return pad + (x - x0) / (x1 - x0) * (W - 2 * pad), H - pad - (y - lo) / (hi - lo) * (H - 2 * pad)
+        def px(x, y):
+            return (left + (x - x0) / max(x1 - x0, 1) * (width - left - right),
+                    y_bottom - (y - lo) / (hi - lo) * (y_bottom - y_top))
 
-    img = Image.new("RGB", (W, H), "white")
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([pad, pad, W - pad, H - pad], outline=(160, 160, 160))
-    if lo < 0 < hi:
-        draw.line([to_px(x0, 0), to_px(x1, 0)], fill=(200, 200, 200))
-    for i, (k, s) in enumerate(series.items()):
-        draw.line([to_px(x, y) for x, y in s], fill=colors[k], width=2)
-        draw.text((pad + 10 + 110 * i, 12), k, fill=colors[k])
-    draw.text((pad, H - pad + 8), f"step {x0}", fill=(0, 0, 0))
-    draw.text((W - pad - 80, H - pad + 8), f"step {int(x1)}", fill=(0, 0, 0))
-    draw.text((4, pad - 6), f"{hi:.3g}", fill=(0, 0, 0))
-    draw.text((4, H - pad - 6), f"{lo:.3g}", fill=(0, 0, 0))
-    img.save(path)
+        for tick in nice_ticks(lo, hi, 4):
+            draw.line([px(x0, tick), px(x1, tick)], fill=(232, 232, 232))
+            draw.text((4, px(x0, tick)[1] - 6), f"{tick:.4g}", fill=(90, 90, 90))
+        for tick in nice_ticks(x0, x1, 6):
+            draw.line([px(tick, lo), (px(tick, lo)[0], y_bottom + 4)], fill=(90, 90, 90))
+            draw.text((px(tick, lo)[0] - 12, y_bottom + 6), f"{tick:g}", fill=(90, 90, 90))
+        draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
+        draw.line([px(x, y) for x, y in points], fill=(160, 190, 230), width=1)
+        draw.line([px(x, y) for x, y in zip(xs, smooth(ys))], fill=(31, 80, 180), width=2)
+        draw.text((left, y_top - 16), f"{key}   (last {ys[-1]:.4g}; step {xs[-1]})", fill=(0, 0, 0))
+    image.save(path)
 
 
-def benchmark(train_step, loader, args, device, world, master, eager):
-    """Time --benchmark-steps optimizer steps after 10 warm-up steps (compilation, autotuning).
+# ----------------------------------------------------------------------------- logs, grids, checkpoints
 
-    --benchmark-data memory: one batch stays in GPU memory, so the number is the model's own;
-    loader: batches come from the data loader with --num-workers, as in a real run. FLOPs per
-    image are counted once by PyTorch's FlopCounterMode on an eager step.
-    """
-    batch = [t.to(device) for t in next(loader)]
-    next_batch = (lambda: batch) if args.benchmark_data == "memory" else (lambda: next(loader))
-    with FlopCounterMode(display=False) as counter:
-        train_step(*batch, net=eager[0], enc=eager[1])
-    flops_per_image = counter.get_total_flops() / len(batch[0])
-    for _ in range(10):
-        train_step(*next_batch())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.time()
-    for _ in range(args.benchmark_steps):
-        train_step(*next_batch())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.time() - start) / args.benchmark_steps
-    per_gpu = args.global_batch_size / world / seconds
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
-    if master:
-        print(json.dumps(dict(model=args.model, batch_per_gpu=args.global_batch_size // world, world=world,
-                              data=args.benchmark_data, precision=args.precision, compile=args.compile,
-                              img_per_s_per_gpu=round(per_gpu, 1), step_ms=round(1000 * seconds, 1),
-                              peak_mem_gib=round(peak, 1), gflop_per_img=round(flops_per_image / 1e9, 1),
-                              mfu=round(per_gpu * flops_per_image / 989e12, 3))), flush=True)
+def due(step, every, last_step):
+    """The one way of saying "every N steps": step is a multiple of N, or the last step."""
+    return step % every == 0 or step == last_step
 
+
+class MetricsLog:
+    """Step metrics summed on the device (no host sync per step), averaged over the steps since
+    the last log line and over processes, written as one JSON row per log step to
+    metrics.jsonl and drawn into loss.png (master process only)."""
+
+    def __init__(self, run_dir, step, processes):
+        self.path, self.run_dir, self.processes = os.path.join(run_dir, "metrics.jsonl"), run_dir, processes
+        self.rows = []
+        if processes.master:
+            if os.path.exists(self.path):  # keep the history up to the resumed step only
+                with open(self.path) as f:
+                    self.rows = [r for r in map(json.loads, f) if r["step"] <= step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        self.sums, self.steps, self.start = {}, 0, time.time()
+
+    def add(self, metrics):
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.steps += 1
+
+    def check_finite(self, step, ckpt_dir):
+        if not torch.isfinite(torch.tensor(all_mean({"loss": self.sums["loss"]}, self.processes.world_size)["loss"])):
+            raise UserError(f"non-finite loss before step {step}; stopped without saving. The last good "
+                            f"checkpoint is in {ckpt_dir}: relaunch to resume from it, with a lower --lr, "
+                            "--precision fp32 or another --seed")
+
+    def write(self, step, global_batch_size):
+        means = {k: v / self.steps for k, v in all_mean(self.sums, self.processes.world_size).items()}
+        device = self.processes.device
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.time() - self.start
+        self.record(dict(step=step, **{k: means[k] for k in (*LOSS_TERMS, "grad_norm") if k in means},
+                         img_per_s=self.steps * global_batch_size / seconds, step_time=seconds / self.steps,
+                         gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0))
+        self.sums, self.steps, self.start = {}, 0, time.time()
+
+    def record(self, row):
+        """Append a row (the log's, or an evaluation's) to metrics.jsonl, print it and redraw the plots."""
+        if not self.processes.master:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+        plot_curves(self.rows, (*LOSS_TERMS, "grad_norm"), os.path.join(self.run_dir, "loss.png"))
+
+    def exclude(self, since):
+        """Leave the time since `since` (sampling, checkpoints) out of the training throughput."""
+        self.start += time.time() - since
+
+
+class SampleGrid:
+    """Fixed noise and labels for the sample grids, the same on every process and after a resume:
+    one row of 8 per class (at most 10 classes), sampled from the EMA with the SDE sampler."""
+
+    def __init__(self, args, dataset, z_dim, device):
+        generator = torch.Generator().manual_seed(args.seed)
+        size = dataset.resolution // dataset.downsample
+        self.y = torch.arange(min(dataset.num_classes, 10)).repeat_interleave(8).to(device)
+        self.x = torch.randn(len(self.y), dataset.latent_channels, size, size, generator=generator).to(device)
+        self.cls = torch.randn(len(self.y), z_dim, generator=generator).to(device) if args.cls_coeff > 0 else None
+        self.vae = load_vae(dataset.vae, path=args.vae_path).to(device)
+        self.args, self.dataset = args, dataset
+
+    def save(self, ema, path):
+        args, device = self.args, self.x.device
+        dtype = amp_dtype(args.precision, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            z, _ = sample_sde(ema, self.x, self.y, self.cls, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
+                              null_label=self.dataset.num_classes, path=args.path_type,
+                              generator=torch.Generator(device).manual_seed(args.seed))
+        save_grid(self.vae.decode(z.float() / self.dataset.scaling_factor), path, nrow=8)
+
+
+def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
+    """Every process contributes its RNG state (for an exact resume); the master writes the file."""
+    rngs = [None] * processes.world_size
+    if processes.world_size > 1:
+        dist.all_gather_object(rngs, rng_state(processes.device))
+    else:
+        rngs = [rng_state(processes.device)]
+    if processes.master:
+        save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                               "scaler": scaler.state_dict(), "args": args, "steps": step, "rng": rngs,
+                               "world_size": processes.world_size, "config": config})
+
+
+# ----------------------------------------------------------------------------- main
 
 def main(args):
-    rank, local_rank, world, device = setup_distributed()
-    master = rank == 0
-    torch.manual_seed(args.seed * world + rank)  # a different noise stream on every rank
+    # Processes: one per GPU under torchrun, or a single one; each draws its own noise.
+    processes = setup_processes()
+    device, master, world_size = processes.device, processes.master, processes.world_size
+    torch.manual_seed(args.seed * world_size + processes.rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
-    if args.compile is None:  # on by default on GPU; on CPU compilation costs more than it saves
-        args.compile = device.type == "cuda"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[args.precision]
-    if device.type == "cpu":
-        amp_dtype = None  # CPU autocast is slower than fp32 for these shapes
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    local_batch = args.global_batch_size // (world * args.gradient_accumulation_steps)
-    if local_batch * world * args.gradient_accumulation_steps != args.global_batch_size:
-        raise ValueError(f"global batch {args.global_batch_size} does not split over {world} ranks "
-                         f"x {args.gradient_accumulation_steps} accumulation steps")
+    accum = args.gradient_accumulation_steps
+    local_batch, rest = divmod(args.global_batch_size, world_size * accum)
+    if rest or not local_batch:
+        raise UserError(f"--global-batch-size {args.global_batch_size} does not split evenly over {world_size} "
+                        f"processes x {accum} accumulation steps; make it a multiple of {world_size * accum}")
 
-    # Data: images (for DINOv2) and VAE posterior moments (for the latents), or the built-in set.
+    # Data: images (for DINOv2) and VAE posterior moments (for the latents), or the builtin shapes.
     dataset = BuiltinShapes() if args.data_path is None else PreparedDataset(args.data_path)
-    exp_name = args.exp_name or f"{args.model.replace('/', '-')}-{'builtin' if args.data_path is None else 'data'}"
-    run_dir = os.path.join(args.output_dir, exp_name)
+    data_name = "builtin" if args.data_path is None else "data"
+    run_dir = os.path.join(args.output_dir, args.exp_name or f"{args.model.replace('/', '-')}-{data_name}")
     ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if master and not args.benchmark_steps:
+    if master:
         os.makedirs(ckpt_dir, exist_ok=True)
 
-    latent_size = dataset.resolution // dataset.downsample
-    # The stand-in encoder (built-in run) is a small random ViT whose patches tile the image
-    # on the same grid as the SiT's tokens; DINOv2 gets that grid from its 224-pixel input.
-    grid = latent_size // int(args.model.split("/")[1])
-    stand_in = dict(patch_size=dataset.resolution // grid, embed_dim=192, depth=2, num_heads=3)
-    weights = None if args.enc_path == "random" else args.enc_path or "pretrained"
-    encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=weights,
-                           **(stand_in if args.enc_type == "stand-in" else {})).to(device)
-    model_kwargs = dict(input_size=latent_size, in_channels=dataset.latent_channels,
-                        num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob,
-                        z_dim=encoder.embed_dim, cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0)
-    if args.encoder_depth is not None:
-        model_kwargs["encoder_depth"] = args.encoder_depth
-    model = SiT_models[args.model](**model_kwargs).to(device)
-    # What sample.py needs to rebuild the model and decode its samples, stored with each checkpoint.
-    config = {"model": args.model, **model_kwargs, "encoder_depth": model.encoder_depth,
-              "vae": dataset.vae, "scaling_factor": dataset.scaling_factor}
+    # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer.
+    encoder = build_encoder(args, dataset).to(device)
+    model, config = build_model(args, dataset, encoder.z_dim)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    opt, scaler = build_optimizer(args, model)
 
-    step = 0
-    resume = None if args.benchmark_steps else latest_checkpoint(ckpt_dir)
-    if resume:
-        ckpt = read_checkpoint(resume)
-        if ckpt["args"].model != args.model:
-            raise ValueError(f"{resume} was written by a run with --model {ckpt['args'].model}; this "
-                             f"run has {args.model}. Use another --exp-name for a new run.")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["steps"]
-
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if world > 1 else model
-    if world > 1 and not resume:  # DDP gave every rank rank 0's initial weights: start the EMA there too
+    # Resume from the run directory's latest checkpoint, if any.
+    step, ckpt = resume(args, ckpt_dir, model, ema, opt, scaler)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
+    if world_size > 1 and ckpt is None:  # DDP gave every process rank 0's weights: start the EMA there too
         ema.load_state_dict(model.state_dict())
     run_encoder = encoder
-    if args.compile:
-        train_model, run_encoder = torch.compile(train_model), torch.compile(encoder)
-    loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, rank, world,
-                         seed=args.seed, num_workers=args.num_workers, start_step=step)
-    if resume and ckpt["world_size"] == world:  # only now: the loader's iterator draws from the RNG
-        set_rng_state(ckpt["rng"][rank], device)
-    elif resume:  # e.g. more nodes than before: fine, but not the run an uninterrupted job would be
-        torch.manual_seed((args.seed * world + rank) * 1_000_003 + step)
-        if master:
-            print(f"note: {resume} was written by {ckpt['world_size']} processes and this run has "
-                  f"{world}: training continues, with another data order and noise than an "
-                  "uninterrupted run would have had")
+    if device.type == "cuda" if args.compile is None else args.compile:  # fuses the elementwise kernels
+        net, run_encoder = torch.compile(net), torch.compile(encoder)
+    loader = make_loader(dataset, local_batch * accum, processes.rank, world_size, seed=args.seed,
+                         num_workers=args.num_workers, start_step=step)
+    restore_rng(ckpt, args, processes, step)  # only now: starting the loader draws from the RNG
 
-    accum = args.gradient_accumulation_steps
-
-    def train_step(images, moments, labels, net=train_model, enc=run_encoder):
-        """One optimizer step on this rank's batch (split into `accum` micro-batches)."""
-        images = images.to(device, non_blocking=True)
-        moments = moments.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        for micro in range(accum):
-            part = slice(micro * local_batch, (micro + 1) * local_batch)
-            with torch.no_grad():
-                mean, std = moments[part].chunk(2, dim=1)
-                x = sample_posterior(mean, std) * dataset.scaling_factor  # (N, C, h, w)
-                with autocast:
-                    cls, patches = enc(images[part])  # (N, Dz), (N, T, Dz)
-                cls, patches = cls.float(), patches.float()
-            sync = world == 1 or micro == accum - 1  # DDP all-reduces only on the last micro-batch
-            with (nullcontext() if sync else net.no_sync()), autocast:
-                losses = training_loss(net, x, labels[part],
-                                       cls if args.cls_coeff > 0 else None,
-                                       patches if args.proj_coeff > 0 else None,
-                                       path=args.path_type, time_schedule=args.weighting,
-                                       proj_coeff=args.proj_coeff, cls_coeff=args.cls_coeff)
-            scaler.scale(losses["loss"] / accum).backward()
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        update_ema(ema, model, args.ema_decay)
-        return losses, grad_norm
-
-    if args.benchmark_steps:
-        return benchmark(train_step, loader, args, device, world, master, eager=(model, encoder))
-
-    # Fixed noise and labels for the sample grids: the same on every rank and after a resume.
-    grid_gen = torch.Generator().manual_seed(args.seed)
-    grid_y = torch.arange(min(dataset.num_classes, 10)).repeat_interleave(8)  # a row of 8 per class
-    grid_n = len(grid_y)
-    grid_x = torch.randn(grid_n, dataset.latent_channels, latent_size, latent_size, generator=grid_gen)
-    grid_cls = torch.randn(grid_n, encoder.embed_dim, generator=grid_gen)
-    vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master else None
-
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    rows = []
+    log = MetricsLog(run_dir, step, processes)
+    grid = SampleGrid(args, dataset, encoder.z_dim, device) if master else None
     if master:
-        if os.path.exists(metrics_path):  # keep the history up to the resumed step only
-            with open(metrics_path) as f:
-                rows = [r for r in map(json.loads, f) if r["step"] <= step]
-        with open(metrics_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.model} ({n_params / 1e6:.1f}M parameters) on {dataset.__class__.__name__} "
-              f"({len(dataset)} images), {world} process(es) on {device.type}, local batch {local_batch}, "
-              f"{'resuming at step ' + str(step) + ' from ' + resume if resume else 'new run'} -> {run_dir}")
+        print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
+              f"{type(dataset).__name__} ({len(dataset)} images), {world_size} process(es) on {device.type}, "
+              f"batch {local_batch} per process x {accum} accumulation, "
+              f"{f'preset {args.preset}: {flags(BUILTIN)}, ' if args.preset else ''}"
+              f"{f'resuming at step {step} from ' + ckpt['path'] if ckpt else 'new run'} -> {run_dir}", flush=True)
 
-    sums = torch.zeros(5, device=device)  # loss, denoise, proj, cls, grad norm since the last log
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    t_log, steps_logged = time.time(), 0
-    train_model.train()
+    # The loop: a step, then whatever is due at that step.
+    net.train()
     while step < args.max_train_steps:
-        losses, grad_norm = train_step(*next(loader))
+        metrics = train_step(next(loader), net=net, encoder=run_encoder, model=model, ema=ema, opt=opt,
+                             scaler=scaler, args=args, scaling_factor=dataset.scaling_factor)
         step += 1
-
-        # Accumulate on the device; the host only syncs at log and checkpoint steps.
-        terms = [losses[k].detach().mean() if losses[k] is not None else torch.zeros((), device=device)
-                 for k in ("loss", "denoise", "proj", "cls")]
-        sums += torch.stack([*terms, grad_norm.float()])
-        nonfinite |= ~torch.isfinite(losses["loss"].detach())
-        steps_logged += 1
-
-        if step % args.log_every == 0 or step % args.checkpoint_every == 0 or step == args.max_train_steps:
-            if bool(all_mean(nonfinite.float(), world) > 0):
-                raise FloatingPointError(
-                    f"non-finite loss before step {step}; stopping without saving. The last good "
-                    f"checkpoint is in {ckpt_dir}: relaunch to resume from it, with a lower --lr, "
-                    "--precision fp32 or a different --seed.")
-            if step % args.log_every == 0 or step == args.max_train_steps:
-                avg = (all_mean(sums, world) / steps_logged).tolist()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt = time.time() - t_log
-                row = dict(step=step, loss=avg[0], denoise=avg[1], proj=avg[2] if args.proj_coeff > 0 else None,
-                           cls=avg[3] if args.cls_coeff > 0 else None, grad_norm=avg[4],
-                           img_per_s=steps_logged * args.global_batch_size / dt, step_time=dt / steps_logged,
-                           gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0)
-                if master:
-                    rows.append(row)
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    plot_losses(rows, os.path.join(run_dir, "loss.png"))
-                    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                   for k, v in row.items() if v is not None), flush=True)
-                sums.zero_()
-                t_log, steps_logged = time.time(), 0
-
-        paused = time.time()  # sampling and checkpoint time is not training throughput
-        if master and (step % args.sample_every == 0 or step == args.max_train_steps):
-            with autocast:
-                z, _ = sample_sde(ema, grid_x.to(device), grid_y.to(device),
-                                  grid_cls.to(device) if args.cls_coeff > 0 else None,
-                                  steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
-                                  null_label=dataset.num_classes,
-                                  generator=torch.Generator(device).manual_seed(args.seed))
-            images_out = vae.decode(z.float() / dataset.scaling_factor)
-            save_grid(images_out, os.path.join(run_dir, f"samples_{step:07d}.png"), nrow=8)
-
-        if step % args.checkpoint_every == 0 or step == args.max_train_steps:
-            rngs = [None] * world
-            if world > 1:
-                dist.all_gather_object(rngs, rng_state(device))
-            else:
-                rngs = [rng_state(device)]
-            if master:
-                save_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), {
-                    "model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "scaler": scaler.state_dict(), "args": args, "steps": step, "rng": rngs,
-                    "world_size": world, "config": config})
-        t_log += time.time() - paused
+        log.add(metrics)
+        if due(step, args.log_every, args.max_train_steps) or due(step, args.checkpoint_every, args.max_train_steps):
+            log.check_finite(step, ckpt_dir)  # before anything of this step is saved
+        if due(step, args.log_every, args.max_train_steps):
+            log.write(step, args.global_batch_size)
+        paused = time.time()
+        if master and due(step, args.sample_every, args.max_train_steps):
+            grid.save(ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
+        if due(step, args.checkpoint_every, args.max_train_steps):
+            write_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), step, model, ema, opt, scaler, args,
+                             config, processes)
+        log.exclude(since=paused)
 
     if master:
         print(f"done: {step} steps; checkpoints, samples and loss.png in {run_dir}")
-    if world > 1:
-        dist.destroy_process_group()
+    cleanup_processes()
     return model, ema
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run(main, get_args())

@@ -401,39 +401,3 @@ def test_loader_collates_what_train_expects():
 def test_loader_refuses_a_dataset_smaller_than_one_global_batch():
     with pytest.raises(ValueError, match="batch size"):
         data.make_loader(Indices(10), 4, 0, 4, seed=0, num_workers=0)
-
-
-# ----------------------------------------------------------------------------- images out
-
-def test_to_uint8_truncates_255_times_half_x_plus_one_and_clamps():
-    x = torch.tensor([-2.0, -1.0, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 6)
-    out = data.to_uint8(x)
-    # 255 * (x + 1) / 2 = -127.5, 0, 127.5, 254.87, 255, 510 -> clamp, then truncate.
-    assert out.dtype == torch.uint8 and out.flatten().tolist() == [0, 0, 127, 254, 255, 255]
-
-
-def test_save_grid_places_image_k_at_row_k_div_nrow_and_column_k_mod_nrow(tmp_path):
-    images = torch.arange(5, dtype=torch.uint8).mul(40).view(5, 1, 1, 1).expand(5, 3, 4, 6)
-    data.save_grid(images, tmp_path / "grid.png", nrow=3, padding=2)
-    grid = np.asarray(Image.open(tmp_path / "grid.png"))
-    assert grid.shape == (2 * 6 + 2, 3 * 8 + 2, 3)
-    for k in range(6):
-        tile = grid[2 + (k // 3) * 6:(k // 3 + 1) * 6, 2 + (k % 3) * 8:(k % 3 + 1) * 8]
-        assert tile.shape == (4, 6, 3) and np.all(tile == (40 * k if k < 5 else 0)), k
-
-
-def test_save_grid_of_floats_equals_grid_of_their_uint8(tmp_path):
-    x = torch.rand(4, 3, 8, 8) * 2 - 1
-    data.save_grid(x, tmp_path / "a.png", nrow=2)
-    data.save_grid(data.to_uint8(x), tmp_path / "b.png", nrow=2)
-    a, b = (np.asarray(Image.open(tmp_path / name)) for name in ["a.png", "b.png"])
-    np.testing.assert_array_equal(a, b)
-
-
-def test_progress_prints_without_tqdm(monkeypatch, capsys):
-    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # makes `from tqdm import tqdm` fail
-    progress = data.Progress(10, "images")
-    progress.update(4)
-    progress.update(6)
-    progress.close()
-    assert "images 10/10" in capsys.readouterr().out

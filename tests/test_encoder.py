@@ -239,7 +239,7 @@ def test_dinov2_preprocessing_normalizes_then_resizes_bicubic_to_seven_eighths()
 def test_dinov2_returns_cls_and_one_token_per_14_pixel_patch(resolution, tokens):
     enc = DINOv2("dinov2-vit-s", resolution, weights=None, depth=1)
     cls, patches = enc(images(2, resolution))
-    assert enc.embed_dim == 384
+    assert enc.z_dim == 384
     assert cls.shape == (2, 384) and patches.shape == (2, tokens, 384)
     assert enc.vit.pos_embed.shape[1] == 1 + tokens  # position embedding on the 16x16 (32x32) grid
 
@@ -295,7 +295,7 @@ def test_dinov2_is_frozen_and_rejects_unknown_names():
 
 
 def test_stand_in_encoder_is_the_same_network_for_the_same_seed():
-    config = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    config = dict(patch_size=8, z_dim=32, depth=2, num_heads=2)
     a, b = StandInEncoder(64, **config), StandInEncoder(64, **config)
     c = StandInEncoder(64, **config, seed=1)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -307,14 +307,14 @@ def test_stand_in_encoder_leaves_the_global_rng_untouched():
     torch.manual_seed(123)
     expected = torch.rand(1)
     torch.manual_seed(123)
-    StandInEncoder(64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    StandInEncoder(64, patch_size=8, z_dim=32, depth=2, num_heads=2)
     assert torch.equal(torch.rand(1), expected)
 
 
 def test_stand_in_encoder_reads_images_at_their_size():
-    enc = load_encoder("stand-in", 64, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    enc = load_encoder("stand-in", 64, patch_size=8, z_dim=32, depth=2, num_heads=2)
     cls, patches = enc(images(3, 64))
-    assert isinstance(enc, StandInEncoder) and enc.embed_dim == 32
+    assert isinstance(enc, StandInEncoder) and enc.z_dim == 32
     assert cls.shape == (3, 32) and patches.shape == (3, 64, 32)
     assert not any(p.requires_grad for p in enc.parameters())
 

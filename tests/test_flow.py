@@ -286,7 +286,7 @@ def test_reg_loss_of_a_real_sit_matches_hand_computation():
         v, v_cls, zs = model(x_t, t, y, cls_t)
     denoise = ((v - (eps - x)) ** 2).mean(dim=(1, 2, 3))
     cls_loss = ((v_cls - (cls_eps - cls)) ** 2).mean(dim=1)
-    target = torch.cat([cls[:, None], patches], dim=1)  # (N, 1+T, Dz)
+    target = torch.cat([cls[:, None], patches], dim=1)  # (N, 1+T, z_dim)
     proj = -((zs / zs.norm(dim=-1, keepdim=True)) * (target / target.norm(dim=-1, keepdim=True))).sum(-1).mean(1)
     torch.testing.assert_close(got["denoise"], denoise)
     torch.testing.assert_close(got["cls"], cls_loss)

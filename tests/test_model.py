@@ -329,7 +329,7 @@ def test_block_is_adaln_zero_with_shift_scale_gate_for_attention_then_mlp():
 
 
 def test_final_layer_modulates_then_splits_class_slot_and_patches():
-    final = random_double(FinalLayer(64, patch_size=2, out_channels=C, cls_dim=Z))
+    final = random_double(FinalLayer(64, patch_size=2, out_channels=C, z_dim=Z))
     x, c = block_input()
     mod = linear(silu(c), final.adaLN_modulation[1])
     shift, scale = mod[:, None, :64], mod[:, None, 64:]

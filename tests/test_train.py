@@ -12,6 +12,7 @@ from PIL import Image
 
 import train
 from model import read_checkpoint
+from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = "SiT-T-4-builtin"  # the run directory train.py names after the built-in default model
@@ -112,9 +113,10 @@ def test_denoising_loss_falls_over_the_first_steps(short_run):
     assert rows[-1]["denoise"] < rows[0]["denoise"]
 
 
-def test_loss_plot_is_written(short_run):
+def test_loss_plot_has_one_panel_per_logged_term(short_run):
+    # loss, denoise, proj, cls and grad_norm, each on its own scale: 5 panels of 170 pixels.
     with Image.open(os.path.join(short_run["dir"], "loss.png")) as image:
-        assert image.size == (640, 360)
+        assert image.size == (720, 5 * 170)
 
 
 def test_sample_grid_has_a_row_of_eight_for_each_of_the_ten_classes(short_run):
@@ -126,7 +128,7 @@ def test_sample_grid_has_a_row_of_eight_for_each_of_the_ten_classes(short_run):
 
 def test_another_model_in_the_same_run_directory_is_refused_with_advice(short_run):
     before = sorted(os.listdir(os.path.join(short_run["dir"], "checkpoints")))
-    with pytest.raises(ValueError, match="--model SiT-T/4.*Use another --exp-name"):
+    with pytest.raises(UserError, match="--model SiT-T/4.*use another --exp-name"):
         train_run(os.path.dirname(short_run["dir"]), "--exp-name", RUN, "--model", "SiT-T/8",
                   "--max-train-steps", "6")
     assert sorted(os.listdir(os.path.join(short_run["dir"], "checkpoints"))) == before
@@ -185,9 +187,9 @@ def test_resume_after_a_kill_continues_the_uninterrupted_run_bit_for_bit(tmp_pat
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_loss_stops_with_floating_point_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
+def test_nonfinite_loss_stops_with_a_user_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, bad):
     monkeypatch.setattr(train, "training_loss", loss_failing_from_call(3, bad))
-    with pytest.raises(FloatingPointError, match="non-finite loss.*last good checkpoint"):
+    with pytest.raises(UserError, match="non-finite loss.*last good checkpoint"):
         train_run(tmp_path, "--max-train-steps", "6", "--checkpoint-every", "2", "--log-every", "2")
     ckpt_dir = tmp_path / RUN / "checkpoints"
     assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt"]  # the step-4 checkpoint was not written
