@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from util import ArgumentParser, barrier, cleanup_processes, run, setup_processes
+from util import ArgumentParser, UserError, barrier, cleanup_processes, run, setup_processes
 
 FORMAT_VERSION = 1
 
@@ -62,11 +62,11 @@ def center_crop_arr(pil_image, image_size):
 def list_image_folder(src):
     """ILSVRC layout -> (relative file paths, labels, class names); everything sorted."""
     if not os.path.isdir(src):
-        raise FileNotFoundError(f"--src {src} is not a folder; point it at ImageNet's train/ folder")
+        raise UserError(f"--src {src} is not a folder; point it at ImageNet's train/ folder")
     extensions = {ext.lower() for ext in Image.registered_extensions()}
     class_names = sorted(e.name for e in os.scandir(src) if e.is_dir() and not e.name.startswith("."))
     if not class_names:
-        raise FileNotFoundError(f"--src {src} has no class folders; expected one folder per synset")
+        raise UserError(f"--src {src} has no class folders; expected one folder per synset")
     files, labels = [], []
     for label, name in enumerate(class_names):
         for entry in sorted(os.scandir(os.path.join(src, name)), key=lambda e: e.name):
@@ -138,7 +138,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
             print(f"{dst} is already prepared; nothing to do")
         return
     if resolution % config["downsample"]:
-        raise ValueError(f"--resolution {resolution} must be a multiple of the VAE downsample {config['downsample']}")
+        raise UserError(f"--resolution {resolution} must be a multiple of the VAE downsample {config['downsample']}")
     h = resolution // config["downsample"]
     moment_shape = (2 * config["latent_channels"], h, h)
 
@@ -215,15 +215,15 @@ def _check_same_config(dst, path, config):
     different = {key: (found.get(key), value) for key, value in config.items()
                  if key != "chunk_size" and found.get(key) != value}
     if different:
-        raise ValueError(f"{dst} was prepared with other settings "
-                         f"(found, asked): {different}; use another --dst or the same flags")
+        raise UserError(f"{dst} was prepared with other settings "
+                        f"(found, asked): {different}; use another --dst or the same flags")
 
 
 def _finish(dst, config, files, num_chunks, marker):
     missing = [k for k in range(num_chunks) if not os.path.exists(marker(k))]
     if missing:
-        raise RuntimeError(f"{len(missing)} chunks of {dst} are not done (first: {missing[0]}); "
-                           f"rerun the same prepare command to finish them")
+        raise UserError(f"{len(missing)} chunks of {dst} are not done (first: {missing[0]}); "
+                        f"rerun the same prepare command to finish them")
     skipped = []
     for k in range(num_chunks):
         with open(marker(k)) as f:
@@ -273,14 +273,14 @@ class PreparedDataset(Dataset):
         if not os.path.exists(manifest_path):
             how = "python data.py prepare --src /imagenet/train --dst " + str(root)
             if os.path.isdir(os.path.join(root, "progress")):
-                raise FileNotFoundError(f"{root} is only partly prepared; rerun the prepare command "
-                                        f"that created it to finish ({how})")
-            raise FileNotFoundError(f"{root} is not a prepared dataset (no manifest.json); create it with: {how}")
+                raise UserError(f"{root} is only partly prepared; rerun the prepare command "
+                                f"that created it to finish ({how})")
+            raise UserError(f"{root} is not a prepared dataset (no manifest.json); create it with: {how}")
         with open(manifest_path) as f:
             manifest = json.load(f)
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{root} has format version {manifest.get('format_version')}, this code reads "
-                             f"{FORMAT_VERSION}; prepare it again into a new folder")
+            raise UserError(f"{root} has format version {manifest.get('format_version')}, this code reads "
+                            f"{FORMAT_VERSION}; prepare it again into a new folder")
         self.root = root
         self.resolution = manifest["resolution"]
         self.num_classes = manifest["num_classes"]

@@ -1,4 +1,4 @@
-"""Frozen pretrained networks: the DINOv2 teacher and the SD-VAE (REFERENCE.md sections 2 and 5).
+"""Frozen pretrained networks: the DINOv2 teacher and the SD-VAE (REG arXiv 2507.01467; DINOv2 2304.07193; SD-VAE of LDM 2112.10752).
 
 REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is ever trained.
   DINOv2 through timm: uint8 images -> (cls (N, z_dim), patches (N, T, z_dim)), preprocessed as
@@ -27,6 +27,8 @@ from huggingface_hub import hf_hub_download
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from util import UserError
+
 
 def _read_state_dict(path):
     if str(path).endswith(".safetensors"):
@@ -42,7 +44,7 @@ def _hub_file(repo_id, filenames, alternative):
             return hf_hub_download(repo_id, filename)
         except OSError as e:  # hub errors (not found, offline, no connection) are all OSErrors
             failures.append(f"{filename}: {type(e).__name__}")
-    raise RuntimeError(
+    raise UserError(
         f"Could not get the pretrained weights {repo_id} ({'; '.join(failures)}). This machine is "
         f"probably offline and the Hugging Face cache does not hold them. On a connected machine run "
         f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), "
@@ -104,10 +106,10 @@ class DINOv2(_FrozenViT):
     def __init__(self, name="dinov2-vit-b", resolution=256, weights="pretrained", **timm_kwargs):
         super().__init__()
         if name not in DINOV2_TIMM_NAMES:
-            raise ValueError(f"Unknown DINOv2 encoder {name!r}; choose one of {sorted(DINOV2_TIMM_NAMES)}.")
+            raise UserError(f"Unknown DINOv2 encoder {name!r}; choose one of {sorted(DINOV2_TIMM_NAMES)}.")
         if resolution % 16:
-            raise ValueError(f"resolution must be a multiple of 16 (got {resolution}) so that "
-                             f"224 * resolution / 256 is a whole number of 14-pixel patches.")
+            raise UserError(f"resolution must be a multiple of 16 (got {resolution}) so that "
+                            f"224 * resolution / 256 is a whole number of 14-pixel patches.")
         timm_name = DINOV2_TIMM_NAMES[name]
         if weights == "pretrained":
             weights = _hub_file("timm/" + timm_name, ["model.safetensors", "pytorch_model.bin"],
@@ -145,8 +147,8 @@ def load_encoder(name, resolution, weights="pretrained", **kwargs):
     """DINOv2 for an official `--enc-type` name, or StandInEncoder for "stand-in"."""
     if name == "stand-in":
         if weights not in ("pretrained", None):
-            raise ValueError("The stand-in encoder is random by design and loads no weights; "
-                             "drop --enc-path or choose a dinov2-vit-* encoder.")
+            raise UserError("The stand-in encoder is random by design and loads no weights; "
+                            "drop --enc-path or choose a dinov2-vit-* encoder.")
         return StandInEncoder(resolution, **kwargs)
     return DINOv2(name, resolution, weights, **kwargs)
 
@@ -313,7 +315,7 @@ class AutoencoderKL(nn.Module):
 
     encode: image in [-1, 1] (N, 3, H, W) -> posterior (mean, std), each (N, 4, H/8, W/8).
     decode: unscaled latent (N, 4, h, w) -> image in about [-1, 1] (N, 3, 8h, 8w).
-    Latents fed to SiT are posterior samples times `scaling_factor` (REFERENCE.md section 2).
+    Latents fed to SiT are posterior samples times `scaling_factor` (the SD-VAE's scaling factor, LDM arXiv 2112.10752).
     """
     scaling_factor = 0.18215
 
@@ -378,7 +380,7 @@ def _local_vae_file(path):
         for filename in VAE_WEIGHT_FILES:
             if os.path.isfile(os.path.join(folder, filename)):
                 return os.path.join(folder, filename)
-    raise FileNotFoundError(
+    raise UserError(
         f"No VAE weights at {path!r}: expected a weights file or a directory holding one of "
         f"{VAE_WEIGHT_FILES} (e.g. a download of stabilityai/sd-vae-ft-ema).")
 
@@ -391,7 +393,7 @@ def load_vae(name="sd-vae-ft-ema", path=None):
     if name == "pixels":
         return PixelSpace()
     if name not in ("sd-vae-ft-ema", "sd-vae-ft-mse"):
-        raise ValueError(f"Unknown VAE {name!r}; choose sd-vae-ft-ema, sd-vae-ft-mse or pixels.")
+        raise UserError(f"Unknown VAE {name!r}; choose sd-vae-ft-ema, sd-vae-ft-mse or pixels.")
     if path is not None:
         file = _local_vae_file(path)
     else:

@@ -1,4 +1,4 @@
-"""Interpolant, training loss and samplers of REG (REFERENCE.md sections 4 and 6).
+"""Interpolant, training loss and samplers of REG (SiT arXiv 2401.08740; REG 2507.01467).
 
 Time runs from data (t = 0) to noise (t = 1): x_t = alpha_t * x + sigma_t * eps, and the model
 predicts the velocity v = alpha'_t * x + sigma'_t * eps. The DINOv2 class token follows the same
@@ -93,7 +93,7 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
 
 
 class Guidance:
-    """Classifier-free guidance inside the interval [low, high] of t (REFERENCE section 6).
+    """Classifier-free guidance inside the interval [low, high] of t (guidance interval: Kynkäänniemi et al., arXiv 2404.07724, as used by REG 2507.01467).
 
     Inside the interval (and only when scale > 1) the batch is doubled with the null label and
     the velocity becomes u + scale * (c - u); the class token uses its own cls_scale, where 0

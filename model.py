@@ -1,4 +1,4 @@
-"""SiT with REG's entangled class token and REPA's projector (REFERENCE.md section 3).
+"""SiT with REG's entangled class token and REPA's projector (REG arXiv 2507.01467; REPA 2410.06940; SiT 2401.08740).
 
 One class, `SiT`, covers the three models of the REG paper:
   plain SiT   SiT(..., cls_token=False, projector=False)
@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from util import UserError
 
 
 def modulate(x, shift, scale):
@@ -274,7 +276,7 @@ class SiT(nn.Module):
         return ModelOutput(self.unpatchify(patches), v_cls, zs)
 
 
-# Sizes. S is not reported by REG; encoder_depth 4 is our choice (REFERENCE section 3).
+# Sizes. S is not reported by REG; encoder_depth 4 is our choice (REG arXiv 2507.01467 does not report it).
 # The official S configs are broken (a head-width mismatch); these are not. T (tiny) is ours:
 # it makes the built-in offline run train in minutes on a laptop CPU.
 SIZES = {
@@ -303,12 +305,17 @@ def read_checkpoint(path):
     `weights_only` loading (no arbitrary code from the file) must be told is safe.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}: give the path of a .pt file written by "
-                                "train.py (runs/<exp>/checkpoints/) or an official REG checkpoint")
+        raise UserError(f"no checkpoint at {path}; give the path of a .pt file written by "
+                        "train.py (runs/<exp>/checkpoints/) or an official REG checkpoint")
     torch.serialization.add_safe_globals([argparse.Namespace])
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a non-checkpoint
+        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release) "
+                        f"({type(e).__name__}); give the path of such a .pt file") from e
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} is not a checkpoint dict")
+        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release): "
+                        f"it holds a {type(ckpt).__name__}, not a dict; give the path of such a .pt file")
     return ckpt
 
 

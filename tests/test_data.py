@@ -12,6 +12,7 @@ from PIL import Image
 
 import data
 import encoder
+from util import UserError
 
 SYNSETS = ["n01000003", "n01000001", "n01000002"]  # created unsorted; labels follow sorted order
 RESOLUTION = 32
@@ -275,20 +276,36 @@ def test_prepare_over_a_finished_dataset_does_nothing(imagenet, prepared):
 
 
 def test_prepare_refuses_to_mix_settings_in_one_folder(imagenet, prepared):
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(UserError, match="other settings"):
         data.prepare(str(imagenet), str(prepared), FakeVAE(), "fake", resolution=64)
 
 
 def test_prepared_dataset_explains_how_to_create_a_missing_root(tmp_path):
-    with pytest.raises(FileNotFoundError, match="data.py prepare"):
+    with pytest.raises(UserError, match="data.py prepare"):
         data.PreparedDataset(str(tmp_path / "nowhere"))
 
 
 def test_prepared_dataset_explains_how_to_finish_a_partial_root(imagenet, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         prepare_into(imagenet, tmp_path, FakeVAE(crash_after_calls=0))
-    with pytest.raises(FileNotFoundError, match="rerun"):
+    with pytest.raises(UserError, match="rerun"):
         data.PreparedDataset(str(tmp_path))
+
+
+def test_prepared_dataset_of_another_format_version_says_to_prepare_again(prepared, tmp_path):
+    import shutil
+    copy = tmp_path / "old"
+    shutil.copytree(prepared, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = -1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="format version -1.*prepare it again"):
+        data.PreparedDataset(str(copy))
+
+
+def test_prepare_rejects_a_resolution_the_vae_cannot_divide(imagenet, tmp_path):
+    with pytest.raises(UserError, match="--resolution 33 must be a multiple of the VAE downsample"):
+        data.prepare(str(imagenet), str(tmp_path / "odd"), FakeVAE(), "fake", resolution=33)
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -1,4 +1,4 @@
-"""encoder.py: the frozen DINOv2 wrapper, its stand-in, and the SD-VAE (REFERENCE.md sections 2, 5).
+"""encoder.py: the frozen DINOv2 wrapper, its stand-in, and the SD-VAE (DINOv2 arXiv 2304.07193; SD-VAE of LDM 2112.10752).
 
 Everything runs on CPU with random weights: tiny VAE configs, one-block DINOv2-S, no network.
 """
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 
 import encoder
+from util import UserError
 from encoder import (DINOv2, AutoencoderKL, PixelSpace, StandInEncoder, load_encoder, load_vae,
                      sample_posterior)
 
@@ -180,7 +181,7 @@ def test_load_vae_reads_a_local_directory(tiny_sd_vae, tmp_path, filename):
 
 
 def test_load_vae_with_a_missing_path_says_what_is_expected(tmp_path):
-    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
+    with pytest.raises(UserError, match="diffusion_pytorch_model.safetensors"):
         load_vae("sd-vae-ft-ema", path=str(tmp_path / "nowhere"))
 
 
@@ -194,7 +195,7 @@ def offline_empty_hub(monkeypatch, tmp_path):
 
 
 def test_load_vae_offline_without_cache_explains_how_to_get_the_weights(offline_empty_hub):
-    with pytest.raises(RuntimeError, match="hf download stabilityai/sd-vae-ft-mse"):
+    with pytest.raises(UserError, match="hf download stabilityai/sd-vae-ft-mse"):
         load_vae("sd-vae-ft-mse")
 
 
@@ -283,14 +284,14 @@ def test_dinov2_loads_a_torch_hub_checkpoint_with_registers(tmp_path):
 
 
 def test_dinov2_pretrained_offline_raises_an_error_that_says_how_to_get_weights(offline_empty_hub):
-    with pytest.raises(RuntimeError, match="hf download timm/vit_small_patch14_dinov2.lvd142m"):
+    with pytest.raises(UserError, match="hf download timm/vit_small_patch14_dinov2.lvd142m"):
         DINOv2("dinov2-vit-s", 256)
 
 
 def test_dinov2_is_frozen_and_rejects_unknown_names():
     enc = DINOv2("dinov2-vit-s", 256, weights=None, depth=1)
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
-    with pytest.raises(ValueError, match="dinov2-vit-b"):
+    with pytest.raises(UserError, match="dinov2-vit-b"):
         DINOv2("dinov2-vit-x", 256, weights=None)
 
 
@@ -321,5 +322,15 @@ def test_stand_in_encoder_reads_images_at_their_size():
 
 def test_load_encoder_builds_dinov2_for_official_names_and_refuses_weights_for_the_stand_in():
     assert isinstance(load_encoder("dinov2-vit-s", 256, weights=None, depth=1), DINOv2)
-    with pytest.raises(ValueError, match="stand-in"):
+    with pytest.raises(UserError, match="stand-in"):
         load_encoder("stand-in", 64, weights="/some/file.pth")
+
+
+def test_load_vae_rejects_an_unknown_name():
+    with pytest.raises(UserError, match="Unknown VAE 'sd-vae-x'; choose sd-vae-ft-ema"):
+        load_vae("sd-vae-x")
+
+
+def test_load_encoder_rejects_an_unknown_name():
+    with pytest.raises(UserError, match="dinov2-vit-b"):
+        load_encoder("dinov3", 256, weights=None)

@@ -1,4 +1,4 @@
-"""Specification tests for flow.py: interpolant, loss and samplers (REFERENCE.md sections 4 and 6).
+"""Specification tests for flow.py: interpolant, loss and samplers (SiT arXiv 2401.08740; REG 2507.01467).
 
 Expectations are closed forms. The samplers are run on a Gaussian data distribution, whose exact
 velocity and score are known, so that their outputs can be compared with the exact answer:
@@ -22,7 +22,7 @@ NULL = 10  # null label of the stub models (num_classes = 10)
 
 
 def coefficients(t, path):
-    """alpha, sigma, alpha', sigma' written out from REFERENCE.md section 4 (t: float or tensor)."""
+    """alpha, sigma, alpha', sigma' written out from SiT's interpolants (arXiv 2401.08740) (t: float or tensor)."""
     cos, sin = (torch.cos, torch.sin) if torch.is_tensor(t) else (math.cos, math.sin)
     if path == "linear":
         return 1 - t, t, -1.0, 1.0
@@ -184,7 +184,7 @@ class LossStub:
 
 
 def hand_loss(b, path, with_cls=True, with_proj=True, proj_coeff=0.5, cls_coeff=0.03):
-    """The loss of REFERENCE.md section 4 for LossStub, in numpy, sample by sample."""
+    """The loss of REG (arXiv 2507.01467) and REPA (2410.06940) for LossStub, in numpy, sample by sample."""
     x, eps, cls, eps_c = (b[k].numpy() for k in ("x", "noise", "cls", "cls_noise"))
     zs, patches = b["zs"].numpy(), b["patches"].numpy()
     denoise, cls_loss, proj = [], [], []
@@ -441,7 +441,7 @@ def test_sde_steps_are_euler_maruyama_with_diffusion_2t(monkeypatch, path):
         for k, (t, t_next) in enumerate([(1.0, 0.52), (0.52, 0.04), (0.04, 0.0)]):
             a, sg, da, ds = coefficients(t, path)
             v = velocity(s, t)
-            score = (a / da * v - s) / (sg ** 2 - a / da * ds * sg)  # REFERENCE.md section 6
+            score = (a / da * v - s) / (sg ** 2 - a / da * ds * sg)  # score from velocity, SiT arXiv 2401.08740
             s = s + (v - 0.5 * (2 * t) * score) * (t_next - t)
             if k < 2:
                 s = s + math.sqrt(2 * t) * math.sqrt(abs(t_next - t)) * noises[k].numpy()

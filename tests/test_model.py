@@ -1,4 +1,4 @@
-"""Specification tests for model.py: SiT + REPA projector + REG class token (REFERENCE.md section 3).
+"""Specification tests for model.py: SiT + REPA projector + REG class token (REG arXiv 2507.01467; REPA 2410.06940).
 
 Every expectation is computed independently of model.py (loops, numpy, hand-written layers) so
 that a deviation from the reference, and so from the official release's numbers, fails a test.
@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model import SiT, SiT_models, SiTBlock, FinalLayer, load_weights
+from model import SiT, SiT_models, SiTBlock, FinalLayer, load_weights, read_checkpoint
+from util import UserError
 
 C, Z = 4, 32  # latent channels, encoder token width of the tiny configs
 
@@ -480,7 +481,7 @@ def test_small_size_runs_for_real(p):
 
 
 def official_keys(depth, reg=True):
-    """Parameter names of the official release (REFERENCE.md section 3), written out independently."""
+    """Parameter names of the official release (github.com/Martinser/REG, models/sit.py), written out independently."""
     keys = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "projectors.0.0", "projectors.0.2",
             "projectors.0.4", "final_layer.linear", "final_layer.adaLN_modulation.1"]
     if reg:
@@ -545,3 +546,25 @@ def test_non_reg_model_given_a_class_token_raises():
 def test_inconsistent_configuration_raises(config, word):
     with pytest.raises(ValueError, match=word):
         tiny(**config)
+
+
+# ----------------------------------------------------------------------------- checkpoint errors
+
+def test_read_checkpoint_of_a_missing_file_says_what_to_give(tmp_path):
+    with pytest.raises(UserError, match="no checkpoint at .*train.py"):
+        read_checkpoint(str(tmp_path / "nothing.pt"))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"PK\x03\x04garbage"])
+def test_read_checkpoint_of_a_file_that_is_not_a_checkpoint_says_so(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="is not a checkpoint written by train.py"):
+        read_checkpoint(str(path))
+
+
+def test_read_checkpoint_of_a_non_dict_says_so(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict"):
+        read_checkpoint(str(path))
