@@ -85,6 +85,17 @@ def test_fresh_model_predicts_exactly_zero_velocity(kind):
         assert v_cls is None
 
 
+def test_fresh_blocks_are_the_identity_on_their_tokens():
+    # The zero output layer alone forces zero velocity; this checks the blocks' adaLN-Zero gates.
+    model = tiny().eval()
+    x, t, y, cls = inputs()
+    seen = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda m, args, out: seen.append(torch.equal(out, args[0])))
+    model(x, t, y, cls)
+    assert seen == [True] * len(model.blocks)
+
+
 def test_zero_initialized_layers_are_the_adaln_outputs_and_both_output_linears():
     model = tiny()
     zeroed = [b.adaLN_modulation[1] for b in model.blocks]
