@@ -90,7 +90,7 @@ def noise_and_labels(indices, model, args, device):
         g = torch.Generator().manual_seed(args.seed * 10_000_019 + i)
         size = model.grid_size * model.patch_size
         xs.append(torch.randn(model.in_channels, size, size, generator=g))
-        clss.append(torch.randn(model.cls_projectors2.in_features, generator=g) if model.cls_token else None)
+        clss.append(torch.randn(model.z_dim, generator=g) if model.cls_token else None)
         ys.append(torch.randint(0, model.num_classes, (), generator=g))
     cls = torch.stack(clss).to(device) if model.cls_token else None
     return torch.stack(xs).to(device), cls, torch.stack(ys).to(device)
