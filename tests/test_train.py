@@ -84,13 +84,28 @@ def test_last_checkpoint_holds_the_model_and_ema_that_main_returns(short_run):
         assert all(torch.equal(state[k], ckpt[key][k]) for k in state)
 
 
-def test_ema_lags_behind_the_trained_model(short_run):
-    # Zero-initialised layers move in training; after 4 steps at decay 0.99 the EMA holds about
-    # 4% of their weights.
-    trained = short_run["model"].final_layer.linear.weight
-    averaged = short_run["ema"].final_layer.linear.weight
-    assert trained.abs().sum() > 0
-    assert 0 < averaged.abs().sum() < 0.1 * trained.abs().sum()
+def test_main_runs_train_step_once_per_step_and_the_ema_replays_from_the_model_trajectory(tmp_path, monkeypatch):
+    # EMA_k = d * EMA_(k-1) + (1 - d) * model_k, from EMA_0 = the initial model, with d = --ema-decay.
+    real, trajectory = train.train_step, []
+
+    def spy(batch, *, model, **kwargs):
+        if not trajectory:
+            trajectory.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        out = real(batch, model=model, **kwargs)
+        trajectory.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return out
+    monkeypatch.setattr(train, "train_step", spy)
+    decay, steps = 0.7, 3
+    model, ema = train_run(tmp_path, "--max-train-steps", str(steps), "--ema-decay", str(decay),
+                           "--sample-every", "100", "--checkpoint-every", "100")
+    assert len(trajectory) == steps + 1  # main's step function is train.train_step, once per step
+    replay = {k: v.clone() for k, v in trajectory[0].items()}
+    for weights in trajectory[1:]:
+        for k in replay:
+            replay[k] = decay * replay[k] + (1 - decay) * weights[k]
+    ema_state = ema.state_dict()
+    assert all(torch.allclose(ema_state[k], replay[k], rtol=1e-5, atol=1e-7) for k in replay)
+    assert not torch.equal(ema_state["final_layer.linear.weight"], model.state_dict()["final_layer.linear.weight"])
 
 
 def test_metrics_have_a_row_per_logged_step_with_finite_loss_terms(short_run):
@@ -101,7 +116,7 @@ def test_metrics_have_a_row_per_logged_step_with_finite_loss_terms(short_run):
 
 
 def test_logged_loss_is_the_weighted_sum_of_its_logged_terms(short_run):
-    # Defaults: --proj-coeff 0.5, --cls-coeff 0.03 (REG's loss, REFERENCE section 5).
+    # Defaults: --proj-coeff 0.5, --cls-coeff 0.03 (REG's loss, arXiv 2507.01467 section 3).
     for row in metrics(short_run["dir"]):
         expected = row["denoise"] + 0.5 * row["proj"] + 0.03 * row["cls"]
         assert row["loss"] == pytest.approx(expected, rel=1e-5)
@@ -110,6 +125,8 @@ def test_logged_loss_is_the_weighted_sum_of_its_logged_terms(short_run):
 def test_denoising_loss_falls_over_the_first_steps(short_run):
     # A fresh model predicts zero velocity; a few steps at lr 1e-3 learn the data's mean at least.
     rows = metrics(short_run["dir"])
+    half = len(rows) // 2
+    assert sum(r["denoise"] for r in rows[half:]) < sum(r["denoise"] for r in rows[:half])
     assert rows[-1]["denoise"] < rows[0]["denoise"]
 
 
@@ -221,18 +238,41 @@ torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen}
 """
 
 
+def test_help_lists_every_default_and_the_builtin_preset():
+    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=REPO, capture_output=True, text=True,
+                         timeout=60).stdout
+    assert "400000" in out and "0.9999" in out and "SiT-XL/2" in out  # defaults of the paper's run
+    assert "builtin preset" in out and train.flags(train.BUILTIN) in " ".join(out.split())
+
+
+def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--output-dir", str(tmp_path), "--global-batch-size", "6",
+                             "--gradient-accumulation-steps", "4", "--max-train-steps", "1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--global-batch-size" in lines[0]
+
+
+def run_torchrun(args, env, cwd, attempts=3):
+    """torchrun on a fresh local port; retried on another port when the port is taken, never skipped."""
+    for _ in range(attempts):
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args], env=env,
+                                cwd=cwd, capture_output=True, text=True, timeout=180)
+        if not (result.returncode and any(s in result.stderr for s in (
+                "Address already in use", "EADDRINUSE", "Cannot assign requested address"))):
+            return result
+    pytest.fail(f"torchrun could not bind a local port in {attempts} attempts: {result.stderr[-500:]}")
+
+
 def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER.format(repo=REPO))
     steps, local_batch = 4, 4  # global batch 8 over 2 ranks
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
-           str(tmp_path), "--output-dir", str(tmp_path / "runs"), *TINY, "--max-train-steps", str(steps),
-           "--checkpoint-every", "2"]
+    cmd = ["--nproc_per_node=2", str(wrapper), str(tmp_path), "--output-dir", str(tmp_path / "runs"), *TINY,
+           "--max-train-steps", str(steps), "--checkpoint-every", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
-    if result.returncode and any(s in result.stderr for s in ("Address already in use", "EADDRINUSE",
-                                                               "Cannot assign requested address")):
-        pytest.skip(f"torchrun could not open a local port on this machine: {result.stderr[-500:]}")
+    result = run_torchrun(cmd, env, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for key in ("model", "ema"):
