@@ -1,9 +1,9 @@
 """Where the time goes: component timings and the PyTorch profiler's kernel table for SiT-XL/2
 (random weights, one GPU). The numbers behind BENCHMARKS.md's breakdowns.
 
-    python bench_profile.py train     # DINOv2 forward, SiT forward+backward, clip, AdamW, EMA at batch 32
-    python bench_profile.py sample    # one SiT forward at batch 128 and 256 (autocast and bf16 weights)
-    python bench_profile.py attention # scaled_dot_product_attention backends at our shapes
+    python bench/profile.py train     # DINOv2 forward, SiT forward+backward, clip, AdamW, EMA at batch 32
+    python bench/profile.py sample    # one SiT forward at batch 128 and 256 (autocast and bf16 weights)
+    python bench/profile.py attention # scaled_dot_product_attention backends at our shapes
 """
 import copy
 import sys
@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
+import os; sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repository root
 from encoder import load_encoder
 from flow import training_loss
 from model import SiT_models
