@@ -1,4 +1,4 @@
-"""Images from a checkpoint (REFERENCE.md section 6): a PNG grid, or 50K samples for FID.
+"""Images from a checkpoint: a PNG grid, or 50K samples for FID (REG, arXiv 2507.01467; the .npz as the ADM evaluator of arXiv 2105.05233 reads it).
 
 A grid from one of our runs, or from the official REG release (its EMA weights):
     python sample.py --ckpt runs/SiT-T-4-builtin/checkpoints/0000600.pt
