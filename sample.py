@@ -1,4 +1,5 @@
-"""Images from a checkpoint: a PNG grid, or 50K samples for FID (REG, arXiv 2507.01467; the .npz as the ADM evaluator of arXiv 2105.05233 reads it).
+"""Images from a checkpoint: a PNG grid, or 50K samples for FID (REG, arXiv 2507.01467),
+written as the ADM evaluator (arXiv 2105.05233) reads them.
 
 A grid from one of our runs, or from the official REG release (its EMA weights):
     python sample.py --ckpt runs/SiT-T-4-builtin/checkpoints/0000600.pt
