@@ -457,9 +457,10 @@ def metrics(ref, sample_feats):
 
 # ----------------------------------------------------------------------------- the script
 
-def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None, results=None):
+def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None, results=None, extra=None):
     """The five numbers of an .npz of samples against a reference batch; on rank 0 prints ADM's lines
-    and appends one JSON line to `results` (default: evaluations.jsonl beside the samples)."""
+    and appends one JSON line to `results` (default: evaluations.jsonl beside the samples), with the
+    settings in `extra` (e.g. sample.py's sampler flags) added to it."""
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     net = load_inception(inception_path, device)
@@ -475,7 +476,7 @@ def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None,
         results = results or os.path.join(os.path.dirname(os.path.abspath(sample_path)), "evaluations.jsonl")
         line = {**numbers, "ref": os.path.abspath(ref_path), "samples": os.path.abspath(sample_path),
                 "inception": os.path.abspath(inception_path), "inception_sha256": net.weights_hash,
-                "batch_size": batch_size, "seconds": round(time.time() - start, 1)}
+                "batch_size": batch_size, "seconds": round(time.time() - start, 1), **(extra or {})}
         with open(results, "a") as f:
             f.write(json.dumps(line) + "\n")
     return numbers
