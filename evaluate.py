@@ -241,7 +241,7 @@ def features(net, images, batch_size=100, progress=True):
     try:
         with torch.no_grad():
             for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="inception", unit="batch"):
-                batch = torch.as_tensor(np.asarray(images[i:i + batch_size]))
+                batch = torch.from_numpy(np.array(images[i:i + batch_size]))  # a writable copy of one batch
                 if device.type == "cuda":
                     batch = batch.pin_memory()
                 pool, spatial, logits = net(batch.to(device, non_blocking=True))
@@ -253,13 +253,15 @@ def features(net, images, batch_size=100, progress=True):
 
 
 def check_images(images):
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3):
-        layout = "NCHW" if images.ndim == 4 else f"{images.ndim}-d"
-        raise util.UserError(f"images of shape {tuple(images.shape)} look {layout}; arr_0 must be uint8 (N, H, W, 3)")
-    if images.shape[-1] != 3:
-        raise util.UserError(f"images have {images.shape[-1]} channels (shape {tuple(images.shape)}); "
-                             "arr_0 must be RGB uint8 (N, H, W, 3)")
-    dtype = str(images.dtype).replace("torch.", "")
+    """Images must be uint8 (N, H, W, 3), as ADM's evaluator and sample.py store them; say how they are not."""
+    shape, dtype = tuple(images.shape), str(images.dtype).replace("torch.", "")
+    if len(shape) != 4:
+        raise util.UserError(f"images of shape {shape} are not a batch (N, H, W, 3); arr_0 must be uint8 (N, H, W, 3)")
+    if shape[-1] != 3 and shape[1] in (1, 3):
+        raise util.UserError(f"images of shape {shape} look channels-first (N, C, H, W); "
+                             "arr_0 must be channels-last uint8 (N, H, W, 3)")
+    if shape[-1] != 3:
+        raise util.UserError(f"images have {shape[-1]} channels (shape {shape}); arr_0 must be RGB uint8 (N, H, W, 3)")
     if dtype != "uint8":
         raise util.UserError(f"images are {dtype}; arr_0 must be uint8 in [0, 255] (N, H, W, 3), as sample.py writes it")
 
@@ -296,6 +298,7 @@ def read_images(path):
             names = ", ".join(n[:-4] for n in zf.namelist())
             raise util.UserError(f"{path} has no arr_0 (it has {names or 'nothing'}); give an .npz with arr_0 uint8 (N, H, W, 3)")
         info = zf.getinfo("arr_0.npy")
+    images = None
     if info.compress_type == zipfile.ZIP_STORED:
         with open(path, "rb") as f:
             f.seek(info.header_offset)
@@ -303,13 +306,13 @@ def read_images(path):
             name_len, extra_len = struct.unpack("<HH", local[26:30])
             f.seek(info.header_offset + 30 + name_len + extra_len)
             version = np.lib.format.read_magic(f)
-            shape, fortran, dtype = np.lib.format._read_array_header(f, version)
-            offset = f.tell()
-        if not fortran and dtype.hasobject is False:
-            images = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
-        else:
-            images = np.load(path)["arr_0"]
-    else:
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is not None:
+                shape, fortran, dtype = read_header(f)
+                if not fortran and not dtype.hasobject:
+                    images = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape)
+    if images is None:  # compressed (np.savez_compressed) or an unusual header: read it whole
         images = np.load(path)["arr_0"]
     check_images(images)
     return images
@@ -369,39 +372,44 @@ def mean_cov(x):
 # ----------------------------------------------------------------------------- the metrics (ADM's evaluator)
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) in float64.
+    """|mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)) in float64 (Heusel et al., arXiv 1706.08500, eq. 6).
 
-    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2: the diagonal of the
-    Schur form that scipy's sqrtm takes roots of, without scipy. As ADM: eps on the diagonals when
-    the product gives non-finite values, and an error if a non-negligible imaginary part remains.
+    tr sqrt(S1 S2) is the sum of the square roots of the eigenvalues of S1 S2 (the diagonal of the
+    Schur form whose roots scipy's sqrtm takes), so no scipy is needed. As ADM's evaluator: when the
+    product is singular, eps is added to both diagonals; an imaginary part that remains is an error.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise util.UserError(f"reference and sample features differ in size ({mu1.shape[0]} vs {mu2.shape[0]}); "
                              "compute both with the same Inception")
-    roots = np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(np.complex128))
-    if not np.isfinite(roots).all():
+    eig = np.linalg.eigvals(sigma1 @ sigma2)
+    # scipy's sqrtm divides by sums of pairs of roots, so it returns non-finite values (and ADM
+    # takes its fallback) when two eigenvalues are zero: a singular product, e.g. fewer samples than
+    # feature dimensions or a feature that never varies. Zero here means zero to rounding.
+    tiny = len(eig) * np.finfo(np.float64).eps * np.abs(eig).max(initial=0)
+    if not np.isfinite(eig).all() or (np.abs(eig) <= tiny).sum() >= 2:
         warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
         offset = np.eye(len(sigma1)) * eps
-        roots = np.sqrt(np.linalg.eigvals((sigma1 + offset) @ (sigma2 + offset)).astype(np.complex128))
+        eig = np.linalg.eigvals((sigma1 + offset) @ (sigma2 + offset))
+    roots = np.sqrt(eig.astype(np.complex128))  # tiny negative eigenvalues give tiny imaginary roots
     if not np.allclose(roots.imag, 0, atol=1e-3):
         raise ValueError(f"the square root of the covariance product has imaginary parts up to {np.abs(roots.imag).max():.3g}; "
-                         "the statistics are degenerate (too few samples for the feature size?)")
+                         "the statistics are not covariances of real features")
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * roots.real.sum())
 
 
 def inception_score(logits, split_size=5000):
-    """Mean over consecutive unshuffled splits of split_size rows (the last may be shorter) of
-    exp(E_x KL(p(y|x) || p(y))), with p(y|x) = softmax(logits), as ADM's evaluator."""
-    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1).numpy()
+    """Mean over consecutive, unshuffled splits of split_size rows (the last may be shorter) of
+    exp(E_x KL(p(y|x) || p(y))) with p(y|x) = softmax(logits) (Salimans et al., arXiv 1606.03498,
+    Sec. 4), as ADM's evaluator. In log space, float64, so a class no sample predicts adds 0, not NaN."""
+    logp = torch.log_softmax(torch.as_tensor(np.asarray(logits), dtype=torch.float64), 1)  # (N, classes)
     scores = []
-    for i in range(0, len(logp), split_size):
-        part = logp[i:i + split_size]
-        p = np.exp(part)
-        kl = (p * (part - np.log(p.mean(0, keepdims=True)))).sum(1).mean()
-        scores.append(np.exp(kl))
+    for part in logp.split(split_size):
+        log_marginal = torch.logsumexp(part, 0) - np.log(len(part))  # log p(y) over the split
+        kl = (part.exp() * (part - log_marginal)).sum(1).mean()
+        scores.append(kl.exp().item())
     return float(np.mean(scores))
 
 
@@ -424,10 +432,12 @@ def _radii(x, k, block):
     return torch.cat(radii)
 
 
-def precision_recall(ref_pool, sample_pool, k=3, block=10000):
-    """(precision, recall) of Kynkaanniemi et al. as ADM's ManifoldEstimator: precision is the share of
-    samples within some reference's k-NN radius, recall the share of references within some sample's."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+def precision_recall(ref_pool, sample_pool, k=3, block=10000, device=None):
+    """(precision, recall) of Kynkaanniemi et al. (arXiv 1904.06991, Sec. 2) as ADM's ManifoldEstimator:
+    precision is the share of samples within some reference's k-NN radius, recall the share of
+    references within some sample's; on the GPU when there is one."""
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     ref, sam = (torch.as_tensor(np.asarray(x, np.float32), device=device) for x in (ref_pool, sample_pool))
     r_ref, r_sam = _radii(ref, k, block), _radii(sam, k, block)
     sam_in = torch.zeros(len(sam), dtype=torch.bool, device=device)
