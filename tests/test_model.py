@@ -8,6 +8,7 @@ Small configs keep the file fast on CPU; real sizes are checked on the meta devi
 """
 import argparse
 import math
+import os
 
 import numpy as np
 import pytest
@@ -534,6 +535,28 @@ def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path, pre
         for got, expected in zip(fresh(*args), source(*args)):
             assert (got is None and expected is None) or torch.equal(got, expected)
     assert not torch.equal(ema(*args).v, trained(*args).v)
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+def test_official_model_weights_give_the_official_outputs(tmp_path):
+    # A seeded, perturbed tiny SiT built by the official release's models/sit.py; its state dict
+    # and outputs were stored once by tests/golden/make_official_golden.py.
+    golden = torch.load(os.path.join(GOLDEN, "official_tiny.pt"), weights_only=True)
+    state = golden["state_dict"]
+    # The official pos_embed is the MAE table with a zero class row: ours, computed, must match it.
+    torch.testing.assert_close(SiT(**golden["config"]).pos_embed, state["pos_embed"], atol=1e-6, rtol=0)
+    path = tmp_path / "0000001.pt"  # laid out as the official train.py saves a checkpoint
+    torch.save({"model": state, "ema": state, "opt": {}, "steps": 1,
+                "args": argparse.Namespace(model="SiT-XL/2", encoder_depth=2)}, path)
+    model = SiT(**golden["config"]).eval()
+    model.load_state_dict(load_weights(str(path)), strict=True)
+    v, v_cls, zs = model(golden["x"], golden["t"], golden["y"], golden["cls"], return_zs=True)
+    assert golden["y"].max() == model.num_classes  # the null label's row is compared too
+    torch.testing.assert_close(v, golden["v"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zs, golden["zs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_cls, golden["v_cls"], atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- misuse
