@@ -84,6 +84,20 @@ def test_fresh_model_predicts_exactly_zero_velocity(kind):
         assert v_cls.shape == cls.shape and torch.equal(v_cls, torch.zeros_like(cls))
     else:
         assert v_cls is None
+    # The zero output layer alone forces zero velocity; adaLN-Zero also needs zero block gates.
+    # With the final layer made non-zero, the output must be that layer applied to the blocks'
+    # input: every fresh block is the identity.
+    for block in model.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+        assert torch.count_nonzero(block.adaLN_modulation[-1].bias) == 0
+    perturb(model.final_layer)
+    seen = {}
+    capture(model.blocks[0], seen, "in", output=False)  # (h, c): the embedded sequence, the condition
+    v, v_cls, _ = model(x, t, y, cls if kind == "reg" else None)
+    patches, expected_cls = model.final_layer(*seen["in"])
+    assert torch.count_nonzero(v) > 0 and torch.equal(v, model.unpatchify(patches))
+    if kind == "reg":
+        assert torch.count_nonzero(v_cls) > 0 and torch.equal(v_cls, expected_cls)
 
 
 def test_fresh_blocks_are_the_identity_on_their_tokens():
