@@ -352,3 +352,12 @@ def test_load_vae_rejects_an_unknown_name():
 def test_load_encoder_rejects_an_unknown_name():
     with pytest.raises(UserError, match="dinov2-vit-b"):
         load_encoder("dinov3", 256, weights=None)
+    with pytest.raises(UserError, match=r"Unknown DINOv2 encoder 'dinov3'; choose one of \[.*'dinov2-vit-s-reg'"):
+        load_encoder("dinov3", 256, weights=None)
+
+
+@pytest.mark.parametrize("resolution", [200, 250])
+def test_dinov2_rejects_a_resolution_that_gives_no_whole_number_of_patches(resolution):
+    with pytest.raises(UserError, match=f"resolution must be a multiple of 16 .got {resolution}. so that "
+                                        "224 . resolution / 256 is a whole number of 14-pixel patches"):
+        load_encoder("dinov2-vit-s", resolution, weights=None, depth=1)

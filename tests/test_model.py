@@ -599,8 +599,10 @@ def test_inconsistent_configuration_raises(config, word):
 # ----------------------------------------------------------------------------- checkpoint errors
 
 def test_read_checkpoint_of_a_missing_file_says_what_to_give(tmp_path):
-    with pytest.raises(UserError, match="no checkpoint at .*train.py"):
+    with pytest.raises(UserError, match="no checkpoint at .*train.py") as error:
         read_checkpoint(str(tmp_path / "nothing.pt"))
+    assert str(error.value).startswith(f"no checkpoint at {tmp_path / 'nothing.pt'}; give the path of a .pt file")
+    assert "official REG checkpoint" in str(error.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"PK\x03\x04garbage"])
@@ -614,5 +616,6 @@ def test_read_checkpoint_of_a_file_that_is_not_a_checkpoint_says_so(tmp_path, co
 def test_read_checkpoint_of_a_non_dict_says_so(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
-    with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict"):
+    with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict") as error:
         read_checkpoint(str(path))
+    assert "it holds a list, not a dict; give the path of such a .pt file" in str(error.value)
