@@ -9,7 +9,8 @@ model.SiT through model.load_weights and compares. Run once, from the repository
     git --git-dir=<REG clone>/.git show HEAD:models/sit.py > /tmp/reg_official/sit.py
     python tests/golden/make_official_golden.py /tmp/reg_official/sit.py
 
-Needs timm (the official file builds on its PatchEmbed, Attention and Mlp).
+Needs timm (the official file builds on its PatchEmbed, Attention and Mlp). The stored file was
+made from the release at commit 021ea2e50c38c5803bd9afff16316958a01fbd1d with timm 1.0.31.
 """
 import importlib.util
 import os

@@ -7,6 +7,8 @@ diffusers. Run once, from the repository root, with diffusers importable, e.g.
 
     pip install --target /tmp/diffusers_site diffusers
     PYTHONPATH=/tmp/diffusers_site python tests/golden/make_vae_golden.py
+
+The stored file was made with diffusers 0.42.1 (its version is also stored in the file).
 """
 import os
 
