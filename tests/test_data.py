@@ -308,6 +308,68 @@ def test_prepare_rejects_a_resolution_the_vae_cannot_divide(imagenet, tmp_path):
         data.prepare(str(imagenet), str(tmp_path / "odd"), FakeVAE(), "fake", resolution=33)
 
 
+def test_prepare_with_ranks_missing_says_to_rerun_and_a_rerun_finishes(imagenet, prepared, tmp_path):
+    # Rank 0 of 2 alone (rank 1 died): it does chunks 0 and 2 of 3, and cannot write a manifest.
+    with pytest.raises(UserError, match="1 chunks of .* are not done .first: 1.; rerun the same prepare command"):
+        data.prepare(str(imagenet), str(tmp_path), FakeVAE(), "fake", resolution=RESOLUTION, batch_size=3,
+                     workers=0, chunk_size=4, rank=0, world_size=2)
+    assert not (tmp_path / "manifest.json").exists()
+    with pytest.raises(UserError, match="only partly prepared; rerun"):
+        data.PreparedDataset(str(tmp_path))
+    resumed = FakeVAE()
+    prepare_into(imagenet, tmp_path, resumed)
+    assert resumed.encoded == 4  # rows 4..7 only: chunk 1
+    np.testing.assert_array_equal(np.load(tmp_path / "moments.npy"), np.load(prepared / "moments.npy"))
+
+
+def test_prepare_rejects_a_source_that_is_not_an_image_folder(tmp_path):
+    with pytest.raises(UserError, match="--src .*nowhere is not a folder; point it at ImageNet's train/"):
+        data.prepare(str(tmp_path / "nowhere"), str(tmp_path / "a"), FakeVAE(), "fake", resolution=RESOLUTION)
+    (tmp_path / "flat").mkdir()
+    Image.fromarray(smooth_rgb(40, 40, 0)).save(tmp_path / "flat" / "x.png")  # images, but no class folders
+    with pytest.raises(UserError, match="has no class folders; expected one folder per synset"):
+        data.prepare(str(tmp_path / "flat"), str(tmp_path / "b"), FakeVAE(), "fake", resolution=RESOLUTION)
+
+
+CLASS_SHADES = [40, 130, 220]  # the grey level of every image of class k
+
+
+@pytest.fixture(scope="module")
+def bad_rows_at_class_ends(tmp_path_factory):
+    """Three classes whose last file is unreadable in classes 0 and 2 (the dataset's last row):
+    every row after a bad one belongs to the next class, where a shifted label shows."""
+    src = tmp_path_factory.mktemp("boundaries")
+    for k, shade in enumerate(CLASS_SHADES):
+        os.makedirs(src / f"c{k}")
+        for name in ["a", "b"]:
+            Image.fromarray(np.full((40, 40, 3), shade, np.uint8)).save(src / f"c{k}" / f"{name}.png")
+    for k in (0, 2):
+        (src / f"c{k}" / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    dst = tmp_path_factory.mktemp("boundaries_prepared")
+    data.prepare(str(src), str(dst), FakeVAE(), "fake", resolution=RESOLUTION, batch_size=3, workers=0,
+                 chunk_size=4)
+    return dst
+
+
+def test_labels_served_after_a_bad_row_at_a_class_end_stay_with_their_images(bad_rows_at_class_ends):
+    files = read_lines(bad_rows_at_class_ends / "files.txt")
+    assert files == ["c0/a.png", "c0/b.png", "c0/zz_broken.png", "c1/a.png", "c1/b.png",
+                     "c2/a.png", "c2/b.png", "c2/zz_broken.png"]
+    np.testing.assert_array_equal(np.load(bad_rows_at_class_ends / "valid.npy"), [1, 1, 0, 1, 1, 1, 1, 0])
+    dataset = data.PreparedDataset(str(bad_rows_at_class_ends))
+    assert len(dataset) == 6
+    items = [dataset[i] for i in range(len(dataset))]
+    assert [label.item() for _, _, label in items] == [0, 0, 1, 1, 2, 2]
+    for image, moments, label in items:  # each served image is one of its label's class
+        assert torch.all(image == CLASS_SHADES[label]), label
+        torch.testing.assert_close(moments[0], torch.full((4, 4), CLASS_SHADES[label] / 127.5 - 1))
+    # Through the training loader too: one shuffled batch of all six items.
+    images, _, labels = next(data.make_loader(dataset, 6, 0, 1, seed=0, num_workers=0))
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2]
+    for image, label in zip(images, labels):
+        assert torch.all(image == CLASS_SHADES[label])
+
+
 # ----------------------------------------------------------------------------- datasets
 
 def test_prepared_dataset_items_and_attributes_follow_the_training_contract(prepared):

@@ -3,6 +3,7 @@
 Everything runs on CPU with random weights: tiny VAE configs, one-block DINOv2-S, no network.
 """
 import functools
+import os
 
 import huggingface_hub.constants
 import pytest
@@ -110,6 +111,23 @@ def test_vae_encode_gives_mean_and_positive_std_at_one_eighth_and_decode_restore
     assert (std > 0).all()
     assert vae.decode(mean).shape == (2, 3, 32, 48)
     assert (vae.latent_channels, vae.downsample, vae.scaling_factor) == (4, 8, 0.18215)
+
+
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+def test_vae_reproduces_the_golden_outputs_of_diffusers():
+    # A seeded tiny diffusers AutoencoderKL of the SD-VAE's structure, its weights and outputs
+    # stored once by tests/golden/make_vae_golden.py (diffusers is not needed here).
+    golden = torch.load(os.path.join(GOLDEN, "vae_tiny.pt"), weights_only=True)
+    vae = AutoencoderKL(**golden["config"])
+    vae.load_state_dict(golden["state_dict"])  # strict: the diffusers names, nothing else
+    assert vae.downsample == 4 and golden["x"].shape == (2, 3, 32, 32)
+    mean, std = vae.encode(golden["x"])
+    assert mean.shape == std.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(mean, golden["mean"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, golden["std"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vae.decode(golden["z"]), golden["decoded"], atol=1e-5, rtol=1e-5)
 
 
 def test_vae_std_is_exp_of_half_the_clamped_logvar():
@@ -334,3 +352,12 @@ def test_load_vae_rejects_an_unknown_name():
 def test_load_encoder_rejects_an_unknown_name():
     with pytest.raises(UserError, match="dinov2-vit-b"):
         load_encoder("dinov3", 256, weights=None)
+    with pytest.raises(UserError, match=r"Unknown DINOv2 encoder 'dinov3'; choose one of \[.*'dinov2-vit-s-reg'"):
+        load_encoder("dinov3", 256, weights=None)
+
+
+@pytest.mark.parametrize("resolution", [200, 250])
+def test_dinov2_rejects_a_resolution_that_gives_no_whole_number_of_patches(resolution):
+    with pytest.raises(UserError, match=f"resolution must be a multiple of 16 .got {resolution}. so that "
+                                        "224 . resolution / 256 is a whole number of 14-pixel patches"):
+        load_encoder("dinov2-vit-s", resolution, weights=None, depth=1)

@@ -8,6 +8,7 @@ Small configs keep the file fast on CPU; real sizes are checked on the meta devi
 """
 import argparse
 import math
+import os
 
 import numpy as np
 import pytest
@@ -83,6 +84,20 @@ def test_fresh_model_predicts_exactly_zero_velocity(kind):
         assert v_cls.shape == cls.shape and torch.equal(v_cls, torch.zeros_like(cls))
     else:
         assert v_cls is None
+    # The zero output layer alone forces zero velocity; adaLN-Zero also needs zero block gates.
+    # With the final layer made non-zero, the output must be that layer applied to the blocks'
+    # input: every fresh block is the identity.
+    for block in model.blocks:
+        assert torch.count_nonzero(block.adaLN_modulation[-1].weight) == 0
+        assert torch.count_nonzero(block.adaLN_modulation[-1].bias) == 0
+    perturb(model.final_layer)
+    seen = {}
+    capture(model.blocks[0], seen, "in", output=False)  # (h, c): the embedded sequence, the condition
+    v, v_cls, _ = model(x, t, y, cls if kind == "reg" else None)
+    patches, expected_cls = model.final_layer(*seen["in"])
+    assert torch.count_nonzero(v) > 0 and torch.equal(v, model.unpatchify(patches))
+    if kind == "reg":
+        assert torch.count_nonzero(v_cls) > 0 and torch.equal(v_cls, expected_cls)
 
 
 def test_fresh_blocks_are_the_identity_on_their_tokens():
@@ -536,6 +551,28 @@ def test_official_checkpoint_loads_strictly_and_reproduces_outputs(tmp_path, pre
     assert not torch.equal(ema(*args).v, trained(*args).v)
 
 
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+def test_official_model_weights_give_the_official_outputs(tmp_path):
+    # A seeded, perturbed tiny SiT built by the official release's models/sit.py; its state dict
+    # and outputs were stored once by tests/golden/make_official_golden.py.
+    golden = torch.load(os.path.join(GOLDEN, "official_tiny.pt"), weights_only=True)
+    state = golden["state_dict"]
+    # The official pos_embed is the MAE table with a zero class row: ours, computed, must match it.
+    torch.testing.assert_close(SiT(**golden["config"]).pos_embed, state["pos_embed"], atol=1e-6, rtol=0)
+    path = tmp_path / "0000001.pt"  # laid out as the official train.py saves a checkpoint
+    torch.save({"model": state, "ema": state, "opt": {}, "steps": 1,
+                "args": argparse.Namespace(model="SiT-XL/2", encoder_depth=2)}, path)
+    model = SiT(**golden["config"]).eval()
+    model.load_state_dict(load_weights(str(path)), strict=True)
+    v, v_cls, zs = model(golden["x"], golden["t"], golden["y"], golden["cls"], return_zs=True)
+    assert golden["y"].max() == model.num_classes  # the null label's row is compared too
+    torch.testing.assert_close(v, golden["v"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(zs, golden["zs"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_cls, golden["v_cls"], atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- misuse
 
 
@@ -562,8 +599,10 @@ def test_inconsistent_configuration_raises(config, word):
 # ----------------------------------------------------------------------------- checkpoint errors
 
 def test_read_checkpoint_of_a_missing_file_says_what_to_give(tmp_path):
-    with pytest.raises(UserError, match="no checkpoint at .*train.py"):
+    with pytest.raises(UserError, match="no checkpoint at .*train.py") as error:
         read_checkpoint(str(tmp_path / "nothing.pt"))
+    assert str(error.value).startswith(f"no checkpoint at {tmp_path / 'nothing.pt'}; give the path of a .pt file")
+    assert "official REG checkpoint" in str(error.value)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all\n", b"PK\x03\x04garbage"])
@@ -577,5 +616,6 @@ def test_read_checkpoint_of_a_file_that_is_not_a_checkpoint_says_so(tmp_path, co
 def test_read_checkpoint_of_a_non_dict_says_so(tmp_path):
     path = tmp_path / "list.pt"
     torch.save([1, 2, 3], path)
-    with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict"):
+    with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict") as error:
         read_checkpoint(str(path))
+    assert "it holds a list, not a dict; give the path of such a .pt file" in str(error.value)
