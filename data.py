@@ -142,36 +142,48 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     h = resolution // config["downsample"]
     moment_shape = (2 * config["latent_channels"], h, h)
 
-    # Rank 0 lists the files and creates the arrays; the others read its listing, so that all
-    # ranks agree on which row is which file even if the source folder changes meanwhile.
     if rank == 0:
-        os.makedirs(progress, exist_ok=True)
-        config_path = os.path.join(progress, "config.json")
-        if os.path.exists(config_path):
-            _check_same_config(dst, config_path, config)
-        else:
-            files, labels, class_names = list_image_folder(src)
-            _write_atomic(os.path.join(dst, "files.txt"), "".join(f + "\n" for f in files))
-            _write_atomic(os.path.join(dst, "classes.txt"), "".join(c + "\n" for c in class_names))
-            np.save(os.path.join(dst, "labels.npy"), labels)
-            n = len(files)
-            _open_arrays(dst, {"images": (n, 3, resolution, resolution), "moments": (n, *moment_shape),
-                               "valid": (n,)})
-            _write_atomic(config_path, json.dumps(config))
+        _create_arrays(src, dst, config, progress, moment_shape)
     barrier()
     with open(os.path.join(dst, "files.txt")) as f:
         files = f.read().splitlines()
     with open(os.path.join(progress, "config.json")) as f:
         chunk_size = json.load(f)["chunk_size"]  # a resumed run keeps the first run's chunks
-    arrays = _open_arrays(dst)
-    n = len(files)
-    num_chunks = (n + chunk_size - 1) // chunk_size
+    num_chunks = (len(files) + chunk_size - 1) // chunk_size
 
     def marker(k):
         return os.path.join(progress, f"chunk_{k:06d}.json")
 
     pending = [k for k in range(num_chunks) if not os.path.exists(marker(k))]
-    mine = pending[rank::world_size]
+    _encode_chunks(src, dst, files, pending[rank::world_size], chunk_size, marker, vae, moment_shape,
+                   resolution, batch_size, workers, device, progress_bar=rank == 0)
+    barrier()
+    if rank == 0:
+        _finish(dst, config, files, num_chunks, marker)
+
+
+def _create_arrays(src, dst, config, progress, moment_shape):
+    """Rank 0 lists the files and creates the arrays; the other ranks read its listing, so that all
+    ranks agree on which row is which file even if the source folder changes meanwhile."""
+    os.makedirs(progress, exist_ok=True)
+    config_path = os.path.join(progress, "config.json")
+    if os.path.exists(config_path):  # a resumed run
+        _check_same_config(dst, config_path, config)
+        return
+    files, labels, class_names = list_image_folder(src)
+    _write_atomic(os.path.join(dst, "files.txt"), "".join(f + "\n" for f in files))
+    _write_atomic(os.path.join(dst, "classes.txt"), "".join(c + "\n" for c in class_names))
+    np.save(os.path.join(dst, "labels.npy"), labels)
+    n, r = len(files), config["resolution"]
+    _open_arrays(dst, {"images": (n, 3, r, r), "moments": (n, *moment_shape), "valid": (n,)})
+    _write_atomic(config_path, json.dumps(config))
+
+
+def _encode_chunks(src, dst, files, mine, chunk_size, marker, vae, moment_shape, resolution, batch_size,
+                   workers, device, progress_bar):
+    """Encode this rank's chunks `mine` into the arrays; mark each chunk done once all its rows are."""
+    arrays = _open_arrays(dst)
+    n = len(files)
     # Batches never straddle two chunks, so a chunk is finished exactly when its last batch is.
     batches = [list(range(i, min(i + batch_size, end)))
                for k in mine
@@ -181,7 +193,7 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     skipped = {k: [] for k in mine}
     loader = DataLoader(_ImageFiles(src, files, resolution), batch_sampler=batches, num_workers=workers,
                         pin_memory=str(device).startswith("cuda"))
-    bar = tqdm(total=sum(remaining.values()), desc="images", disable=rank != 0)
+    bar = tqdm(total=sum(remaining.values()), desc="images", disable=not progress_bar)
     for rows, images, errors in loader:
         start, stop = int(rows[0]), int(rows[-1]) + 1  # a batch is a contiguous run of rows
         good = torch.tensor([not e for e in errors])
@@ -204,9 +216,6 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
             _write_atomic(marker(k), json.dumps({"chunk": k, "skipped": skipped[k]}))
         bar.update(len(rows))
     bar.close()
-    barrier()
-    if rank == 0:
-        _finish(dst, config, files, num_chunks, marker)
 
 
 def _check_same_config(dst, path, config):

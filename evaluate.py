@@ -320,8 +320,8 @@ def read_images(path):
 
 def shard(n):
     """This rank's contiguous share of n items, so gathering in rank order restores the order."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if util.distributed() else (0, 1)
-    return slice(n * rank // world, n * (rank + 1) // world)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if util.distributed() else (0, 1)
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
 
 
 def npz_features(path, net, batch_size=100):
