@@ -540,3 +540,35 @@ def test_command_line_mistake_is_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().startswith("error: no Inception weights") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------- several processes
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _features_on_rank(rank, world_size, port, path, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        feats = evaluate.npz_features(path, StubInception(), batch_size=3)
+        if rank == 0:
+            np.savez(out, **feats)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_give_the_features_of_one_in_the_same_order(tmp_path):
+    # 11 images over 2 ranks: unequal shares (5 and 6), gathered back in the file's order.
+    path = str(tmp_path / "x.npz")
+    np.savez(path, arr_0=random_images(11, seed=4))
+    one = {k: v for k, v in evaluate.features(StubInception(), evaluate.read_images(path), progress=False).items()}
+    torch.multiprocessing.spawn(_features_on_rank, args=(2, free_port(), path, str(tmp_path / "two.npz")), nprocs=2)
+    with np.load(tmp_path / "two.npz") as two:
+        for k in one:
+            assert np.allclose(two[k], one[k], rtol=1e-6, atol=1e-6), k
