@@ -146,7 +146,8 @@ def build_model(ckpt, args):
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
         model.load_state_dict(load_weights(args.ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
-        raise UserError(f"{args.ckpt} does not fit {name} with {config} ({str(e).splitlines()[0]}). For official "
+        first = str(e).splitlines()[1].strip().rstrip(".")[:200]  # torch lists the differences one per line after a title
+        raise UserError(f"{args.ckpt} does not fit {name} with {config} ({first}). For official "
                         "checkpoints set --model, --resolution and --encoder-depth to the run's values.") from e
     return model.eval().requires_grad_(False), vae, scale
 
@@ -237,16 +238,16 @@ def check_parts_settings(parts_dir, args):
     folder, and a run with other flags (another --cfg-scale, --seed, batch size, ...) is refused
     rather than mixing two runs' samples into one .npz. Flags that leave the samples unchanged
     (where to write, compiling, what to evaluate against) may differ."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "compile", "eval_ref", "inception")}
+    asked = {k: v for k, v in vars(args).items() if k not in ("out", "compile", "eval_ref", "inception")}
     path = os.path.join(parts_dir, "settings.json")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"  # every rank may write it: the same text, replaced atomically
         with open(tmp, "w") as f:
-            json.dump(settings, f)
+            json.dump(asked, f)
         os.replace(tmp, path)
     with open(path) as f:
         found = json.load(f)
-    different = {k: (found.get(k), v) for k, v in settings.items() if found.get(k) != v}
+    different = {k: (found.get(k), v) for k, v in asked.items() if found.get(k) != v}
     if different:
         raise UserError(f"{parts_dir} holds samples made with other settings (found, asked): {different}; "
                         "rerun with the same flags, or choose another --out")
@@ -298,6 +299,7 @@ def sample_npz(run_model, model, vae, scale, args, processes):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
+    # The request: a checkpoint, and the evaluation's files, before anything slow.
     check_files(args)
 
     # Processes: one per GPU under torchrun, or a single one. TF32 is the one global setting, and --tf32 sets it.
