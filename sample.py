@@ -146,7 +146,8 @@ def build_model(ckpt, args):
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
         model.load_state_dict(load_weights(args.ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip().rstrip(".")[:200]  # torch lists the differences one per line after a title
+        # torch's message: a title, then one line per difference; the first difference says enough.
+        first = str(e).splitlines()[1].strip().rstrip(".")[:200]
         raise UserError(f"{args.ckpt} does not fit {name} with {config} ({first}). For official "
                         "checkpoints set --model, --resolution and --encoder-depth to the run's values.") from e
     return model.eval().requires_grad_(False), vae, scale
