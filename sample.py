@@ -51,7 +51,7 @@ def make_parser():
     s.add_argument("--mode", default="sde", choices=["sde", "ode"], help="sde: Euler-Maruyama; ode: Euler or Heun")
     s.add_argument("--num-steps", type=int, default=250, help="sampler steps (the SDE: model evaluations per sample)")
     s.add_argument("--heun", action="store_true", help="ODE: Heun's method instead of Euler's")
-    s.add_argument("--cfg-scale", type=float, default=2.3, help="classifier-free guidance (1: none)")
+    s.add_argument("--cfg-scale", type=float, default=2.3, help="classifier-free guidance (1: none, the paper's no-guidance protocol)")
     s.add_argument("--cls-cfg-scale", type=float, default=None,
                    help="guidance of the class token; none: equal to --cfg-scale; 0: its conditional velocity")
     s.add_argument("--guidance-low", type=float, default=0.0, help="guide only for t in [low, high]")
@@ -318,10 +318,11 @@ def main(args):
     if processes.master:
         print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es)", flush=True)
 
-    # A grid (rank 0), or the .npz (every rank).
+    # A grid (rank 0, while the others wait), or the .npz (every rank).
     if args.num_samples == 0:
         if processes.master:
             sample_grid(run_model, model, vae, scale, args, device)
+        barrier()
     else:
         path = sample_npz(run_model, model, vae, scale, args, processes)
 
