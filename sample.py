@@ -1,104 +1,176 @@
-"""Images from a checkpoint: a PNG grid, or 50K samples for FID (REG, arXiv 2507.01467),
-written as the ADM evaluator (arXiv 2105.05233) reads them.
+"""Images from a checkpoint (REG, arXiv 2507.01467): a PNG grid, or the paper's FID samples as an
+.npz that evaluate.py and ADM's evaluator (arXiv 2105.05233) read.
 
-A grid from one of our runs, or from the official REG release (its EMA weights):
-    python sample.py --ckpt runs/SiT-T-4-builtin/checkpoints/0000600.pt
+The defaults are the paper's protocol: SDE Euler-Maruyama, 250 steps, CFG 2.3 on t in [0, 0.85]
+(t = 1 is noise), the class token guided like the image, the EMA weights.
+A grid, one row per class, from one of our runs or from the official release:
+    python sample.py --ckpt runs/SiT-T-4-builtin/checkpoints/0000500.pt --num-steps 50
     python sample.py --ckpt REG_XL_2.pt --classes 207 360 387 974 88 979 417 279 --cfg-scale 4
-The paper's FID setting, on 8 GPUs, into samples/<name>.npz for the ADM evaluator:
+The paper's FID-50K on 8 GPUs, sampled and evaluated in one command (the .npz and the results line
+go to samples/, named after the checkpoint and the settings):
     torchrun --nproc_per_node=8 sample.py --ckpt REG_XL_2.pt --num-samples 50000 \\
-        --mode sde --num-steps 250 --cfg-scale 2.3 --cls-cfg-scale 2.3 --guidance-high 0.85
-Every sample i has its own noise and label drawn from (--seed, i), so the result does not depend
-on the number of GPUs, and an interrupted run resumes without redoing finished batches.
+        --eval-ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-2015-12-05-6726825d.pth
+The paper's no-guidance protocol (its SiT / REPA / REG comparisons): the same with --cfg-scale 1.
+Sample i's noise comes from (--seed, i) and its label is i mod the number of classes, so the .npz
+does not depend on the number of GPUs, and rerunning a command resumes an interrupted run.
+Precision: bf16 autocast on GPU by default; --precision fp32 is the release's arithmetic (fp32
+with TF32 matmuls, see --tf32).
 """
 import argparse
 import json
 import os
-import time
 import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
 from tqdm import tqdm
 
+import evaluate
 from encoder import load_vae
 from flow import sample_ode, sample_sde
 from model import SiT_models, load_weights, read_checkpoint
-from util import save_grid, to_uint8
+from util import ArgumentParser, UserError, barrier, cleanup_processes, run, save_grid, setup_processes, to_uint8
+
+
+def make_parser():
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--ckpt", default=None, help="checkpoint .pt written by train.py or the official release (required)")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="sample the EMA weights; --no-ema: the raw model's")
+    p.add_argument("--out", default=None, help="output .png (grid) or .npz (--num-samples); none: "
+                   "samples/<checkpoint>-<settings>")
+    g = p.add_argument_group("model, for official checkpoints (ours record their own)")
+    g.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
+    g.add_argument("--resolution", type=int, default=256, help="image side")
+    g.add_argument("--num-classes", type=int, default=1000, help="classes (the null label is this number)")
+    g.add_argument("--encoder-depth", type=int, default=8, help="block the projector reads")
+    g.add_argument("--z-dim", type=int, default=768, help="width of the DINOv2 tokens (768 for ViT-B)")
+    g.add_argument("--vae", default="sd-vae-ft-ema", help="VAE the latents decode with")
+    p.add_argument("--vae-path", default=None, help="local VAE weights folder or file; none: the HF hub cache")
+    s = p.add_argument_group("sampler")
+    s.add_argument("--mode", default="sde", choices=["sde", "ode"], help="sde: Euler-Maruyama; ode: Euler or Heun")
+    s.add_argument("--num-steps", type=int, default=250, help="sampler steps (the SDE: model evaluations per sample)")
+    s.add_argument("--heun", action="store_true", help="ODE: Heun's method instead of Euler's")
+    s.add_argument("--cfg-scale", type=float, default=2.3, help="classifier-free guidance (1: none, the paper's no-guidance protocol)")
+    s.add_argument("--cls-cfg-scale", type=float, default=None,
+                   help="guidance of the class token; none: equal to --cfg-scale; 0: its conditional velocity")
+    s.add_argument("--guidance-low", type=float, default=0.0, help="guide only for t in [low, high]")
+    s.add_argument("--guidance-high", type=float, default=0.85, help="guide only for t in [low, high]")
+    s.add_argument("--path-type", default="linear", choices=["linear", "cosine"],
+                   help="interpolant the checkpoint was trained with (the SDE's score depends on it)")
+    s.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                   help="bf16: autocast on GPU; fp32: the release's arithmetic (with --tf32); CPU samples in fp32")
+    s.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="let fp32 matmuls and convolutions on GPU use TF32, as the release's sampling does; "
+                        "--precision fp32 --no-tf32 is strict fp32")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the SiT")
+    o = p.add_argument_group("output")
+    o.add_argument("--seed", type=int, default=0, help="seeds every sample's noise")
+    o.add_argument("--classes", type=int, nargs="*", default=None, help="grid: one row per class; none: the first 8")
+    o.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
+    o.add_argument("--num-samples", type=int, default=0,
+                   help="write this many samples to an .npz, a multiple of the number of classes (0: a grid)")
+    o.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per process and batch "
+                   "(also the Inception's batch with --eval-ref)")
+    e = p.add_argument_group("evaluation of the .npz (evaluate.py), after sampling")
+    e.add_argument("--eval-ref", default=None, help="ADM's reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    e.add_argument("--inception", default=None, help="the FID Inception weights, pt_inception-2015-12-05-6726825d.pth")
+    return p
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", default=None, help="checkpoint .pt (ours or the official release)")
-    p.add_argument("--out", default=None, help="output .png (grid) or .npz (--num-samples); default: samples/")
-    g = p.add_argument_group("model, for official checkpoints (ours record their own)")
-    g.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models))
-    g.add_argument("--resolution", type=int, default=256)
-    g.add_argument("--num-classes", type=int, default=1000)
-    g.add_argument("--encoder-depth", type=int, default=8)
-    g.add_argument("--z-dim", type=int, default=768, help="width of the DINOv2 tokens (768 for ViT-B)")
-    g.add_argument("--vae", default="sd-vae-ft-ema")
-    p.add_argument("--vae-path", default=None, help="local VAE weights folder or file")
-    s = p.add_argument_group("sampler")
-    s.add_argument("--mode", default="sde", choices=["sde", "ode"])
-    s.add_argument("--num-steps", type=int, default=50)
-    s.add_argument("--heun", action="store_true", help="ODE: Heun instead of Euler")
-    s.add_argument("--cfg-scale", type=float, default=1.0)
-    s.add_argument("--cls-cfg-scale", type=float, default=0.0, help="class-token guidance (0: conditional)")
-    s.add_argument("--guidance-low", type=float, default=0.0)
-    s.add_argument("--guidance-high", type=float, default=1.0)
-    s.add_argument("--path-type", default="linear", choices=["linear", "cosine"])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classes", type=int, nargs="*", default=None, help="grid: one row per class")
-    p.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
-    p.add_argument("--num-samples", type=int, default=0, help="write this many samples to an .npz")
-    p.add_argument("--per-proc-batch-size", type=int, default=64)
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"], help="autocast on GPU")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--benchmark", action="store_true", help="time sampling on random weights (GPU), no --ckpt")
-    p.add_argument("--benchmark-runs", type=int, default=3)
+    p = make_parser()
     args = p.parse_args(argv)
-    if args.ckpt is None and not args.benchmark:
-        p.error("--ckpt is required (or --benchmark)")
+    if args.cls_cfg_scale is None:
+        args.cls_cfg_scale = args.cfg_scale
+    for name in ("per_proc_batch_size", "per_class"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.num_steps < (2 if args.mode == "sde" else 1):
+        p.error(f"--num-steps must be at least {2 if args.mode == 'sde' else 1} for --mode {args.mode}")
+    if args.num_samples < 0:
+        p.error("--num-samples must be 0 (a grid) or more")
+    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
+        p.error(f"the guidance interval [{args.guidance_low}, {args.guidance_high}] must lie in [0, 1], low <= high")
+    if args.cfg_scale <= 1 and args.cls_cfg_scale > 1:  # the sampler guides nothing at --cfg-scale <= 1
+        p.error(f"--cls-cfg-scale {args.cls_cfg_scale} needs --cfg-scale above 1; "
+                "with --cfg-scale 1 neither the image nor the class token is guided")
+    if (args.eval_ref is None) != (args.inception is None):
+        p.error("--eval-ref and --inception go together: give both (the reference batch and the Inception weights)")
+    if args.eval_ref is not None and args.num_samples == 0:
+        p.error("--eval-ref evaluates an .npz: give --num-samples (50000 for the paper's FID)")
+    if args.classes and args.num_samples:
+        p.error("--classes is for the grid; the .npz cycles through every class (drop --classes)")
     return args
 
 
+def check_files(args):
+    """Fail before anything slow: a checkpoint is given, and the evaluation's files exist
+    (read_checkpoint says what is wrong with the checkpoint file itself)."""
+    if args.ckpt is None:
+        raise UserError("--ckpt is required: give a .pt file written by train.py or the official release")
+    if args.eval_ref is not None and not os.path.isfile(args.eval_ref):
+        raise UserError(f"--eval-ref: no reference batch at {args.eval_ref}; give the path of ADM's .npz "
+                        "(e.g. VIRTUAL_imagenet256_labeled.npz)")
+    if args.inception is not None and not os.path.isfile(args.inception):
+        raise UserError(f"--inception: no weights file at {args.inception}; download {evaluate.WEIGHTS_URL}")
+
+
+def check_labels(args, num_classes):
+    """Labels must be real classes (num_classes is the null label of guidance), each equally often in an .npz."""
+    wrong = [c for c in args.classes or [] if not 0 <= c < num_classes]
+    if wrong:
+        raise UserError(f"--classes {' '.join(map(str, wrong))} out of range: this checkpoint has {num_classes} "
+                        f"classes, 0 to {num_classes - 1}")
+    if args.num_samples % num_classes:
+        raise UserError(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes, so they "
+                        f"would not appear equally often; give a multiple of {num_classes} (e.g. 50000)")
+
+
+# ----------------------------------------------------------------------------- model and sampler
+
 def build_model(ckpt, args):
-    """The EMA model of a checkpoint. Ours store their model config; for official files it
-    comes from the command line (the release's SiT-XL/2 on 256x256 is the default)."""
+    """The model of a checkpoint (its EMA weights unless --no-ema), its VAE and latent scaling factor.
+    Ours store their model config; for official files it comes from the command line (the release's
+    SiT-XL/2 on 256x256 is the default)."""
     config = ckpt.get("config")
     if config is None:
         config = dict(model=args.model, input_size=args.resolution // 8, in_channels=4,
                       num_classes=args.num_classes, encoder_depth=args.encoder_depth, z_dim=args.z_dim,
                       vae=args.vae, scaling_factor=0.18215)
+    if not args.ema and "model" not in ckpt:
+        raise UserError(f"{args.ckpt} holds no raw model weights (no 'model' entry); sample its EMA without --no-ema")
     config = dict(config)
     name, vae, scale = config.pop("model"), config.pop("vae"), config.pop("scaling_factor")
     model = SiT_models[name](**config)
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
-        model.load_state_dict(load_weights(args.ckpt))
+        model.load_state_dict(load_weights(args.ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
-        raise ValueError(f"{args.ckpt} does not fit {name} with {config} (differences above). For official "
-                         "checkpoints set --model, --resolution and --encoder-depth to the run's values.") from e
+        # torch's message: a title, then one line per difference; the first difference says enough.
+        first = str(e).splitlines()[1].strip().rstrip(".")[:200]
+        raise UserError(f"{args.ckpt} does not fit {name} with {config} ({first}). For official "
+                        "checkpoints set --model, --resolution and --encoder-depth to the run's values.") from e
     return model.eval().requires_grad_(False), vae, scale
 
 
 def noise_and_labels(indices, model, args, device):
-    """Start noise (x, cls) and labels of the samples with these global indices; each depends
-    only on (seed, index), so any split over processes or batches gives the same samples."""
-    xs, clss, ys = [], [], []
+    """Start noise (x, cls) and labels of the samples with these global indices. The noise depends
+    only on (seed, index) and the label is index mod num_classes, so any split over processes or
+    batches gives the same samples, and num_classes * k samples hold each class k times."""
+    xs, clss = [], []
+    size = model.grid_size * model.patch_size
     for i in indices:
         g = torch.Generator().manual_seed(args.seed * 10_000_019 + i)
-        size = model.grid_size * model.patch_size
-        xs.append(torch.randn(model.in_channels, size, size, generator=g))
+        xs.append(torch.randn(model.in_channels, size, size, generator=g))  # (C, h, w)
         clss.append(torch.randn(model.z_dim, generator=g) if model.cls_token else None)
-        ys.append(torch.randint(0, model.num_classes, (), generator=g))
-    cls = torch.stack(clss).to(device) if model.cls_token else None
-    return torch.stack(xs).to(device), cls, torch.stack(ys).to(device)
+    cls = torch.stack(clss).to(device) if model.cls_token else None  # (N, z_dim)
+    y = torch.tensor([i % model.num_classes for i in indices], device=device)  # (N,)
+    return torch.stack(xs).to(device), cls, y
 
 
 def sample_latents(model, x, cls, y, args, generator=None):
-    """Run the chosen sampler from start noise (x, cls) with labels y -> latents (N, C, h, w)."""
+    """Run the sampler of args (mode, steps, guidance, path, precision) from start noise (x, cls)
+    with labels y -> latents (N, C, h, w). `generator` draws the SDE's noise."""
     common = dict(cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
                   guidance_high=args.guidance_high, null_label=model.num_classes)
     amp = args.precision == "bf16" and x.device.type == "cuda"
@@ -118,58 +190,68 @@ def generate(model, vae, scale, x, cls, y, args, generator=None):
     return to_uint8(vae.decode(z.float() / scale).float())
 
 
-def benchmark(args, device):
-    """Time the sampler, decoding excluded, on random weights of --model at --per-proc-batch-size,
-    and compare its output with a strict-fp32 run (TF32 off) from the same noise."""
-    model = SiT_models[args.model](input_size=args.resolution // 8, num_classes=args.num_classes,
-                                   encoder_depth=args.encoder_depth, z_dim=args.z_dim).to(device).eval()
-    with torch.no_grad():  # zero-initialised layers would make the velocity trivially zero
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    run_model = torch.compile(model, dynamic=False) if args.compile else model
-    x, cls, y = noise_and_labels(range(args.per_proc_batch_size), model, args, device)
+# ----------------------------------------------------------------------------- names and settings
 
-    def run(net):
-        return sample_latents(net, x, cls, y, args, torch.Generator(device).manual_seed(args.seed))
+def checkpoint_name(path):
+    """REG_XL_2 for REG_XL_2.pt; SiT-XL-2-data-0400000 for runs/SiT-XL-2-data/checkpoints/0400000.pt."""
+    folder, stem = os.path.split(os.path.splitext(os.path.abspath(path))[0])
+    if os.path.basename(folder) == "checkpoints":
+        return f"{os.path.basename(os.path.dirname(folder))}-{stem}"
+    return stem
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    run(run_model)  # warm-up: compilation, autotuning
-    sync()
-    start = time.time()
-    for _ in range(args.benchmark_runs):
-        z = run(run_model)
-    sync()
-    seconds = (time.time() - start) / args.benchmark_runs
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    precision, args.precision = args.precision, "fp32"
-    reference = run(model).float()
-    error = ((z.float() - reference).norm() / reference.norm()).item()
-    print(json.dumps(dict(model=args.model, batch=args.per_proc_batch_size, mode=args.mode, steps=args.num_steps,
-                          cfg=args.cfg_scale, precision=precision, compile=args.compile,
-                          img_per_s=round(args.per_proc_batch_size / seconds, 2), seconds_per_batch=round(seconds, 2),
-                          peak_mem_gib=round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
-                          if device.type == "cuda" else 0.0,
-                          rel_l2_vs_fp32=round(error, 5))), flush=True)
+
+def run_name(args):
+    """The checkpoint and every setting that changes the samples, e.g.
+    REG_XL_2-sde250-cfg2.3-cls2.3-0-0.85-bf16-seed0."""
+    sampler = f"{args.mode}{args.num_steps}" + ("-heun" if args.mode == "ode" and args.heun else "")
+    name = [checkpoint_name(args.ckpt), sampler, f"cfg{args.cfg_scale:g}", f"cls{args.cls_cfg_scale:g}",
+            f"{args.guidance_low:g}-{args.guidance_high:g}", args.precision]
+    name += [] if args.tf32 else ["notf32"]
+    name += [] if args.path_type == "linear" else [args.path_type]
+    name += [] if args.ema else ["raw"]
+    return "-".join(name + [f"seed{args.seed}"])
+
+
+def settings(args, device):
+    """What the results line records about the samples, beside evaluate.py's numbers."""
+    return dict(ckpt=os.path.abspath(args.ckpt), ema=args.ema, mode=args.mode, num_steps=args.num_steps,
+                heun=args.heun, cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale,
+                guidance_low=args.guidance_low, guidance_high=args.guidance_high, path_type=args.path_type,
+                precision=args.precision, tf32=args.tf32, device=device.type, seed=args.seed,
+                num_samples=args.num_samples)
+
+
+# ----------------------------------------------------------------------------- a grid, or the .npz
+
+def sample_grid(run_model, model, vae, scale, args, device):
+    """One row of --per-class samples for each of --classes (default: the first 8 classes)."""
+    classes = args.classes or list(range(min(model.num_classes, 8)))
+    labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)
+    x, cls, _ = noise_and_labels(range(len(labels)), model, args, device)
+    images = generate(run_model, vae, scale, x, cls, labels, args, torch.Generator(device).manual_seed(args.seed))
+    out = args.out or os.path.join("samples", f"{run_name(args)}-grid.png")
+    save_grid(images, out, nrow=args.per_class)
+    print(f"saved {out}")
 
 
 def check_parts_settings(parts_dir, args):
     """Parts are reused only by a run with the same settings: the first run records them in the
     folder, and a run with other flags (another --cfg-scale, --seed, batch size, ...) is refused
-    rather than mixing two runs' samples into one .npz."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "compile")}
+    rather than mixing two runs' samples into one .npz. Flags that leave the samples unchanged
+    (where to write, compiling, what to evaluate against) may differ."""
+    asked = {k: v for k, v in vars(args).items() if k not in ("out", "compile", "eval_ref", "inception")}
     path = os.path.join(parts_dir, "settings.json")
     if not os.path.exists(path):
         tmp = f"{path}.{os.getpid()}.tmp"  # every rank may write it: the same text, replaced atomically
         with open(tmp, "w") as f:
-            json.dump(settings, f)
+            json.dump(asked, f)
         os.replace(tmp, path)
     with open(path) as f:
         found = json.load(f)
-    different = {k: (found.get(k), v) for k, v in settings.items() if found.get(k) != v}
+    different = {k: (found.get(k), v) for k, v in asked.items() if found.get(k) != v}
     if different:
-        raise ValueError(f"{parts_dir} holds samples made with other settings (found, asked): {different}; "
-                         "rerun with the same flags, or choose another --out")
+        raise UserError(f"{parts_dir} holds samples made with other settings (found, asked): {different}; "
+                        "rerun with the same flags, or choose another --out")
 
 
 def write_npz(path, parts, shape):
@@ -184,67 +266,72 @@ def write_npz(path, parts, shape):
     os.replace(tmp, path)
 
 
-def main(args):
-    distributed = int(os.environ.get("RANK", -1)) != -1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+def sample_npz(run_model, model, vae, scale, args, processes):
+    """--num-samples images in batches spread over the processes, each batch saved as a part (so a
+    rerun does only the missing ones), joined by rank 0 into one .npz; returns its path."""
+    out = args.out or os.path.join("samples", f"{run_name(args)}-{args.num_samples}.npz")
+    parts_dir = f"{out}.parts"
+    os.makedirs(parts_dir, exist_ok=True)
+    check_parts_settings(parts_dir, args)
+    batch, device, world_size = args.per_proc_batch_size, processes.device, processes.world_size
+    num_batches = -(-args.num_samples // batch)
+    parts = [os.path.join(parts_dir, f"{b:06d}.npz") for b in range(num_batches)]
+    mine = [b for b in range(processes.rank, num_batches, world_size) if not os.path.exists(parts[b])]
+    progress = tqdm(total=len(mine) * world_size, desc="sampling", unit="batch", disable=not processes.master)
+    for b in mine:
+        indices = range(b * batch, min((b + 1) * batch, args.num_samples))
+        x, cls, y = noise_and_labels(indices, model, args, device)
+        generator = torch.Generator(device).manual_seed(args.seed * 10_000_019 + b)  # SDE noise of batch b
+        images = generate(run_model, vae, scale, x, cls, y, args, generator)  # (n, 3, H, W)
+        with open(f"{parts[b]}.tmp", "wb") as f:  # atomic: a killed run leaves no half part
+            np.savez(f, images=images.permute(0, 2, 3, 1).cpu().numpy(), labels=y.cpu().numpy())  # (n, H, W, 3)
+        os.replace(f"{parts[b]}.tmp", parts[b])
+        progress.update(world_size)
+    progress.close()
+    barrier()  # every rank's parts are written
+    if processes.master:
+        size = model.grid_size * model.patch_size * vae.downsample
+        write_npz(out, parts, (args.num_samples, size, size, 3))
+        print(f"saved {out}: {args.num_samples} samples; parts kept in {parts_dir} (delete when done)")
+    barrier()  # the .npz is whole before any rank reads it
+    return out
 
-    if args.benchmark:
-        return benchmark(args, device)
-    ckpt = read_checkpoint(args.ckpt)
-    model, vae_name, scale = build_model(ckpt, args)
+
+# ----------------------------------------------------------------------------- main
+
+def main(args):
+    # The request: a checkpoint, and the evaluation's files, before anything slow.
+    check_files(args)
+
+    # Processes: one per GPU under torchrun, or a single one. TF32 is the one global setting, and --tf32 sets it.
+    processes = setup_processes()
+    device = processes.device
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+
+    # Model and VAE: the checkpoint's EMA (or raw) weights, and the VAE that decodes its latents.
+    model, vae_name, scale = build_model(read_checkpoint(args.ckpt), args)
+    check_labels(args, model.num_classes)
     model = model.to(device)
     vae = load_vae(vae_name, path=args.vae_path).to(device)
     # Two static graphs (the plain and the guided batch) rather than one dynamic-shape graph.
     run_model = torch.compile(model, dynamic=False) if args.compile else model
-    name = os.path.splitext(os.path.basename(args.ckpt))[0]
+    if processes.master:
+        print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es)", flush=True)
 
-    if args.num_samples == 0:  # a grid, one row per class
-        if rank == 0:
-            classes = args.classes or list(range(min(model.num_classes, 8)))
-            labels = torch.tensor(classes).repeat_interleave(args.per_class).to(device)
-            x, cls, _ = noise_and_labels(range(len(labels)), model, args, device)
-            images = generate(run_model, vae, scale, x, cls, labels, args,
-                              torch.Generator(device).manual_seed(args.seed))
-            out = args.out or os.path.join("samples", f"{name}-grid.png")
-            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-            save_grid(images, out, nrow=args.per_class)
-            print(f"saved {out}")
+    # A grid (rank 0, while the others wait), or the .npz (every rank).
+    if args.num_samples == 0:
+        if processes.master:
+            sample_grid(run_model, model, vae, scale, args, device)
+        barrier()
     else:
-        out = args.out or os.path.join("samples", f"{name}-{args.mode}{args.num_steps}-cfg{args.cfg_scale}.npz")
-        parts_dir = f"{out}.parts"
-        os.makedirs(parts_dir, exist_ok=True)
-        check_parts_settings(parts_dir, args)
-        batch = args.per_proc_batch_size
-        num_batches = -(-args.num_samples // batch)
-        parts = [os.path.join(parts_dir, f"{b:06d}.npz") for b in range(num_batches)]
-        mine = [b for b in range(rank, num_batches, world) if not os.path.exists(parts[b])]
-        progress = tqdm(total=len(mine) * world, desc="sampling", disable=rank != 0)
-        for b in mine:
-            indices = range(b * batch, min((b + 1) * batch, args.num_samples))
-            x, cls, y = noise_and_labels(indices, model, args, device)
-            generator = torch.Generator(device).manual_seed(args.seed * 10_000_019 + b)  # SDE noise of batch b
-            images = generate(run_model, vae, scale, x, cls, y, args, generator).permute(0, 2, 3, 1).cpu().numpy()
-            with open(f"{parts[b]}.tmp", "wb") as f:  # atomic: a killed run leaves no half part
-                np.savez(f, images=images, labels=y.cpu().numpy())
-            os.replace(f"{parts[b]}.tmp", parts[b])
-            progress.update(world)
-        progress.close()
-        if distributed:
-            dist.barrier()
-        if rank == 0:
-            size = model.grid_size * model.patch_size * vae.downsample
-            write_npz(out, parts, (args.num_samples, size, size, 3))
-            print(f"saved {out}: {args.num_samples} samples; parts kept in {parts_dir} (delete when done)")
-    if distributed:
-        dist.destroy_process_group()
+        path = sample_npz(run_model, model, vae, scale, args, processes)
+
+        # Evaluate: ADM's five numbers on rank 0, and a results line with the settings beside the samples.
+        if args.eval_ref is not None:
+            evaluate.evaluate(args.eval_ref, path, args.inception, batch_size=args.per_proc_batch_size,
+                              device=device, results=None, extra=settings(args, device))
+    cleanup_processes()
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run(main, get_args())
