@@ -69,7 +69,7 @@ def make_parser():
     o.add_argument("--classes", type=int, nargs="*", default=None, help="grid: one row per class; none: the first 8")
     o.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
     o.add_argument("--num-samples", type=int, default=0,
-                   help="write this many samples to an .npz, a multiple of the number of classes (0: a grid)")
+                   help="write this many samples to an .npz (0: a grid); a multiple of the classes holds each equally often")
     o.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per process and batch "
                    "(also the Inception's batch with --eval-ref)")
     e = p.add_argument_group("evaluation of the .npz (evaluate.py), after sampling")
@@ -117,14 +117,11 @@ def check_files(args):
 
 
 def check_labels(args, num_classes):
-    """Labels must be real classes (num_classes is the null label of guidance), each equally often in an .npz."""
+    """Labels must be real classes (num_classes is the null label of guidance)."""
     wrong = [c for c in args.classes or [] if not 0 <= c < num_classes]
     if wrong:
         raise UserError(f"--classes {' '.join(map(str, wrong))} out of range: this checkpoint has {num_classes} "
                         f"classes, 0 to {num_classes - 1}")
-    if args.num_samples % num_classes:
-        raise UserError(f"--num-samples {args.num_samples} is not a multiple of the {num_classes} classes, so they "
-                        f"would not appear equally often; give a multiple of {num_classes} (e.g. 50000)")
 
 
 # ----------------------------------------------------------------------------- model and sampler

@@ -373,7 +373,6 @@ MISTAKES = {  # flags -> words the message must contain
     "missing-ckpt": (["--ckpt", "missing.pt"], "no checkpoint at missing.pt"),
     "corrupt-ckpt": (["--ckpt", "{bad}"], "is not a checkpoint"),
     "bad-flag": (["--ckpt", "{ckpt}", "--mode", "euler"], "--mode"),
-    "num-samples-not-a-multiple": (["--ckpt", "{ckpt}", "--num-samples", 15], "not a multiple of the 10 classes"),
     "class-out-of-range": (["--ckpt", "{ckpt}", "--classes", 3, 10], "--classes 10 out of range"),
     "eval-ref-without-inception": (["--ckpt", "{ckpt}", "--num-samples", 10, "--eval-ref", "ref.npz"],
                                    "--eval-ref and --inception go together"),
