@@ -3,9 +3,12 @@ bit-exact resume after a kill, a clean stop on a non-finite loss, and two CPU ra
 import argparse
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -220,9 +223,15 @@ WRAPPER = """
 import os, sys
 import torch
 sys.path.insert(0, {repo!r})
-import data, train
+sys.path.insert(0, {tests!r})
+import data, evaluate, flow, train
+from test_train_eval import pixel_features
 
+rank = int(os.environ["RANK"])
 seen = []  # dataset indices this rank loaded, in order
+times = []  # the training times t this rank drew, one (N,) tensor per micro-batch
+gathered = []  # rank 0: the number of samples whose features reached the metrics
+step_of_evaluation = []
 
 
 class RecordingShapes(data.BuiltinShapes):
@@ -231,10 +240,35 @@ class RecordingShapes(data.BuiltinShapes):
         return super().__getitem__(index)
 
 
+def sample_time(*args, real=flow.sample_time, **kwargs):
+    times.append(real(*args, **kwargs))
+    return times[-1]
+
+
+def evaluation_run(self, step, ema, log, real=train.Evaluation.run):
+    step_of_evaluation.append(step)
+    return real(self, step, ema, log)
+
+
+def images(self, ema, k, real=train.Evaluation.images):
+    if rank == 1 and step_of_evaluation[-1] == 2:
+        raise RuntimeError("simulated failure on rank 1")
+    return real(self, ema, k)
+
+
+def metrics(ref, feats, real=evaluate.metrics):
+    gathered.append(len(feats["pool"]))
+    return real(ref, feats)
+
+
 train.BuiltinShapes = RecordingShapes
+flow.sample_time = sample_time
+train.Evaluation.run, train.Evaluation.images = evaluation_run, images
+evaluate.load_inception = lambda path, device="cpu": torch.nn.Linear(1, 1)
+evaluate.features, evaluate.metrics = pixel_features, metrics
 model, ema = train.main(train.get_args(sys.argv[2:]))
-torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen}},
-           os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
+torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen, "times": times,
+            "gathered": gathered}}, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
 """
 
 
@@ -254,27 +288,63 @@ def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp
     assert len(lines) == 1 and lines[0].startswith("error:") and "--global-batch-size" in lines[0]
 
 
+def free_port():
+    """A local TCP port that is free now (bound to port 0, then released)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 0))
+        except OSError as e:
+            pytest.fail(f"cannot bind a local TCP port for the gloo processes ({e}); the DDP tests need one")
+        return s.getsockname()[1]
+
+
 def run_torchrun(args, env, cwd, attempts=3):
     """torchrun on a fresh local port; retried on another port when the port is taken, never skipped."""
     for _ in range(attempts):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args], env=env,
-                                cwd=cwd, capture_output=True, text=True, timeout=180)
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--master_addr=127.0.0.1",
+                                 f"--master_port={free_port()}", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                                timeout=300)
         if not (result.returncode and any(s in result.stderr for s in (
                 "Address already in use", "EADDRINUSE", "Cannot assign requested address"))):
             return result
     pytest.fail(f"torchrun could not bind a local port in {attempts} attempts: {result.stderr[-500:]}")
 
 
-def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO))
-    steps, local_batch = 4, 4  # global batch 8 over 2 ranks
-    cmd = ["--nproc_per_node=2", str(wrapper), str(tmp_path), "--output-dir", str(tmp_path / "runs"), *TINY,
-           "--max-train-steps", str(steps), "--checkpoint-every", "2"]
+def two_rank_run(tmp, out_dir, wrapper, steps):
+    """The wrapper under torchrun with 2 CPU ranks (gloo) on the built-in data, with an evaluation
+    every 2 steps that fails at step 2 on rank 1 -> (result, [rank 0's record, rank 1's])."""
+    os.makedirs(out_dir, exist_ok=True)
+    ref = tmp / "ref.npz"
+    if not ref.exists():
+        np.savez_compressed(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+        (tmp / "inception.pth").write_bytes(b"weights")
+    cmd = ["--nproc_per_node=2", str(wrapper), str(out_dir), "--output-dir", str(tmp / "runs"), *TINY,
+           "--max-train-steps", str(steps), "--checkpoint-every", "2", "--eval-every", "2", "--eval-ref", str(ref),
+           "--inception", str(tmp / "inception.pth"), "--eval-samples", "6", "--eval-batch-size", "2",
+           "--eval-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = run_torchrun(cmd, env, tmp_path)
+    result = run_torchrun(cmd, env, tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return result, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """4 steps on 2 CPU ranks, a checkpoint every 2; and a copy of its run directory as it was
+    at step 2, to resume from."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    wrapper = tmp / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO, tests=os.path.join(REPO, "tests")))
+    result, ranks = two_rank_run(tmp, tmp, wrapper, steps=4)
+    at_step_2 = tmp / "at_step_2"
+    shutil.copytree(tmp / "runs", at_step_2 / "runs")
+    os.remove(at_step_2 / "runs" / RUN / "checkpoints" / "0000004.pt")
+    return dict(tmp=tmp, wrapper=wrapper, result=result, ranks=ranks, at_step_2=at_step_2)
+
+
+def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(two_ranks):
+    tmp_path, ranks = two_ranks["tmp"], two_ranks["ranks"]
+    steps, local_batch = 4, 4  # global batch 8 over 2 ranks
     for key in ("model", "ema"):
         state0, state1 = ranks[0][key], ranks[1][key]
         assert all(torch.equal(state0[k], state1[k]) for k in state0), key
@@ -285,3 +355,48 @@ def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "runs" / RUN / "checkpoints" / f"{steps:07d}.pt"))
     assert ckpt["world_size"] == 2
     assert all(torch.equal(ckpt["model"][k], ranks[0]["model"][k]) for k in ckpt["model"])
+
+
+def test_each_rank_draws_its_own_noise(two_ranks):
+    t0, t1 = (torch.cat(r["times"]) for r in two_ranks["ranks"])
+    assert t0.shape == t1.shape == (4 * 4,)  # a time per sample of each rank's 4 steps of 4
+    assert not torch.isclose(t0[:, None], t1[None]).any()  # no time shared between the ranks
+    ckpt = read_checkpoint(str(two_ranks["tmp"] / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+
+
+def test_an_evaluation_that_fails_on_one_rank_warns_and_all_ranks_train_on(two_ranks):
+    stderr = two_ranks["result"].stderr
+    assert "evaluation at step 2 failed: it failed on another process; training goes on" in stderr
+    assert two_ranks["ranks"][0]["gathered"] == [6]  # step 4: all 6 samples, shared over both ranks
+    rows = metrics(two_ranks["tmp"] / "runs" / RUN)
+    assert [r["step"] for r in rows if "fid6" in r] == [4] and [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_two_rank_run_stopped_and_resumed_continues_bit_for_bit(two_ranks, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two_ranks["at_step_2"], resumed)
+    _, ranks = two_rank_run(resumed, resumed, two_ranks["wrapper"], steps=4)
+    a = read_checkpoint(str(two_ranks["tmp"] / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    b = read_checkpoint(str(resumed / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert all(torch.equal(ranks[r][key][k], a[key][k]) for r in range(2) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+    assert all(torch.equal(a["rng"][r]["cpu"], b["rng"][r]["cpu"]) for r in range(2))  # each rank's stream
+    # Steps 3 and 4 drew the same times on each rank as the uninterrupted run did.
+    assert all(torch.equal(torch.cat(ranks[r]["times"]), torch.cat(two_ranks["ranks"][r]["times"][2:]))
+               for r in range(2))
+    loss_rows = [[[row[k] for k in LOSS_TERMS] for row in metrics(d / "runs" / RUN) if "loss" in row]
+                 for d in (two_ranks["tmp"], resumed)]
+    assert loss_rows[0] == loss_rows[1]
+
+
+def test_resuming_with_another_world_size_warns_and_runs(two_ranks, tmp_path):
+    shutil.copytree(two_ranks["at_step_2"], tmp_path / "copy")
+    with pytest.warns(UserWarning, match="written by 2 processes and this run has 1: training continues"):
+        train_run(tmp_path / "copy" / "runs", "--max-train-steps", "3", "--checkpoint-every", "100")
+    ckpt = read_checkpoint(str(tmp_path / "copy" / "runs" / RUN / "checkpoints" / "0000003.pt"))
+    assert ckpt["steps"] == 3 and ckpt["world_size"] == 1
+    assert [r["step"] for r in metrics(tmp_path / "copy" / "runs" / RUN) if "loss" in r] == [1, 2, 3]
