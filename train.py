@@ -461,7 +461,10 @@ class Evaluation:
     """
 
     def __init__(self, args, dataset, z_dim, vae, processes, run_dir):
-        self.net = evaluate.load_inception(args.inception, processes.device)
+        try:
+            self.net = evaluate.load_inception(args.inception, processes.device)
+        except UserError as e:  # its message may quote torch's, several lines long: keep `error: ...` one line
+            raise UserError(" ".join(str(e).split())) from None
         self.ref = evaluate.reference_statistics(args.eval_ref, self.net)  # cached beside the file
         n = args.eval_samples
         tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)

@@ -3,6 +3,7 @@ bit-exact resume after a kill, a clean stop on a non-finite loss, and two CPU ra
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -277,6 +278,9 @@ def test_help_lists_every_default_and_the_builtin_preset():
                          timeout=60).stdout
     assert "400000" in out and "0.9999" in out and "SiT-XL/2" in out  # defaults of the paper's run
     assert "builtin preset" in out and train.flags(train.BUILTIN) in " ".join(out.split())
+    assert "(default: 0.9999)" in out and "(default: 400000)" in out  # each flag says its default
+    for flag, default in (("--eval-every", "0"), ("--eval-samples", "10000"), ("--eval-steps", "250")):
+        assert re.search(rf"{flag} \S+\s+.*?\(default: {default}\)", out, re.S), flag
 
 
 def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp_path):
@@ -286,6 +290,61 @@ def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "--global-batch-size" in lines[0]
+
+
+def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
+    def latest_checkpoint_is(name, write):  # --output-dir of a run directory whose latest checkpoint `write` made
+        ckpt_dir = tmp_path / name / RUN / "checkpoints"
+        ckpt_dir.mkdir(parents=True)
+        write(ckpt_dir / "0000002.pt")
+        return ["--output-dir", str(tmp_path / name)]
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 not a weights file")
+    np.savez_compressed(tmp_path / "ref.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    out = ["--output-dir", str(tmp_path / "runs")]
+    cases = {
+        "missing --data-path folder": ([*out, "--data-path", str(tmp_path / "nowhere")], "is not a folder"),
+        "bad flag value": ([*out, "--lr", "fast"], "invalid float value"),
+        "unknown flag": ([*out, "--learning-rate", "1e-4"], "unrecognized arguments"),
+        "a batch that does not split": ([*out, "--global-batch-size", "6", "--gradient-accumulation-steps", "4"],
+                                        "does not split evenly"),
+        "corrupt checkpoint": (latest_checkpoint_is("corrupt", lambda p: p.write_bytes(b"half a checkpoint")),
+                               "is not a checkpoint written by train.py"),
+        "another program's checkpoint": (latest_checkpoint_is("other", lambda p: torch.save({"w": torch.zeros(2)}, p)),
+                                         "is not a checkpoint that train.py can resume from"),
+        "not a dict": (latest_checkpoint_is("list", lambda p: torch.save([1, 2], p)), "holds a list"),
+        "bad Inception file": ([*out, "--eval-every", "2", "--eval-ref", str(tmp_path / "ref.npz"),
+                                "--inception", str(tmp_path / "garbage.pth")], "is not a PyTorch weights file"),
+    }
+    # One Python runs every case as `python train.py ...` would (runpy, as __main__), so torch is
+    # imported once; an exception that escapes train.py is what would print a traceback.
+    result = subprocess.run([sys.executable, "-c", MISTAKES, json.dumps({k: f for k, (f, _) in cases.items()})],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    for name, (_, message) in cases.items():
+        code, err = outcomes[name]
+        lines = err.strip().splitlines()
+        assert code == 2 and "Traceback" not in err, (name, err[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, err[-2000:])
+
+
+MISTAKES = """
+import contextlib, io, json, runpy, sys, traceback
+outcomes = {}
+for name, flags in json.loads(sys.argv[1]).items():
+    sys.argv, err = ["train.py", "--max-train-steps", "1", *flags], io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path("train.py", run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            code, _ = 1, traceback.print_exc()
+    outcomes[name] = (code, err.getvalue())
+print(json.dumps(outcomes))
+"""
 
 
 def free_port():
