@@ -360,9 +360,9 @@ def free_port():
 def run_torchrun(args, env, cwd, attempts=3):
     """torchrun on a fresh local port; retried on another port when the port is taken, never skipped."""
     for _ in range(attempts):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--master_addr=127.0.0.1",
-                                 f"--master_port={free_port()}", *args], env=env, cwd=cwd, capture_output=True, text=True,
-                                timeout=300)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--master_addr=127.0.0.1",
+                    f"--master_port={free_port()}"]
+        result = subprocess.run([*launcher, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
         if not (result.returncode and any(s in result.stderr for s in (
                 "Address already in use", "EADDRINUSE", "Cannot assign requested address"))):
             return result

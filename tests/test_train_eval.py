@@ -39,7 +39,8 @@ def eval_files(tmp_path, monkeypatch):
     inception = tmp_path / "inception.pth"
     inception.write_bytes(b"weights")
     loaded = []
-    monkeypatch.setattr(evaluate, "load_inception", lambda path, device="cpu": loaded.append(path) or torch.nn.Linear(1, 1))
+    monkeypatch.setattr(evaluate, "load_inception",
+                        lambda path, device="cpu": loaded.append(path) or torch.nn.Linear(1, 1))
     monkeypatch.setattr(evaluate, "features", pixel_features)
     return dict(ref=str(ref), inception=str(inception), loaded=loaded,
                 flags=["--eval-ref", str(ref), "--inception", str(inception)])
