@@ -16,6 +16,9 @@ from PIL import Image
 
 import evaluate
 import train
+from encoder import PixelSpace
+from model import SiT_models
+from util import Processes
 
 RUN = "SiT-T-4-builtin"
 TINY = ["--global-batch-size", "8", "--sample-steps", "2", "--num-workers", "0", "--log-every", "1",
@@ -122,3 +125,25 @@ def test_eval_flags_are_checked_before_anything_is_built(tmp_path, eval_files, c
         assert stop.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and message in err and len(err.splitlines()) == 1
+
+
+def test_the_samples_do_not_depend_on_the_number_of_processes(tmp_path, eval_files):
+    # Each process samples a contiguous run of batches; gathered in rank order they are the samples
+    # of one process, bit for bit, for 1, 2 or 4 processes (4 > 3 batches: one process has none).
+    args = train.get_args(["--output-dir", str(tmp_path), *eval_files["flags"], "--eval-every", "1",
+                           "--eval-samples", "5", "--eval-batch-size", "2", "--eval-steps", "2"])
+    dataset = type("Latents", (), dict(resolution=8, downsample=1, latent_channels=3, num_classes=4, scaling_factor=1.0))
+    ema = SiT_models["SiT-T/4"](input_size=8, in_channels=3, num_classes=4, z_dim=16).eval()
+    with torch.no_grad():
+        ema.final_layer.linear.weight.normal_()  # zero at init: the samples would not depend on the model
+    shares = {}
+    for world in (1, 2, 4):
+        feats = [train.Evaluation(args, dataset, 16, PixelSpace(), Processes(rank, rank, world, torch.device("cpu")),
+                                  str(tmp_path)).features(ema) for rank in range(world)]
+        shares[world] = np.concatenate([f["pool"] for f in feats])
+    # The images behind the features: those of the single process.
+    images = np.concatenate([train.Evaluation(args, dataset, 16, PixelSpace(), Processes(0, 0, 1, torch.device("cpu")),
+                                              str(tmp_path)).images(ema, k) for k in range(3)])
+    assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
+    assert np.array_equal(pixel_features(None, images)["pool"], shares[1])
+    assert np.array_equal(shares[2], shares[1]) and np.array_equal(shares[4], shares[1])
