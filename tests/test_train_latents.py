@@ -200,3 +200,16 @@ def test_clipping_bounds_the_update(prepared, tmp_path, monkeypatch):
     norm = sum(u.square().sum() for u in seen["update"].values()).sqrt().item()
     assert rows[0]["grad_norm"] > 0.1  # logged: the norm before clipping
     assert 0.99e-3 < norm <= 1e-3 * (1 + 1e-5)
+
+
+def test_resume_on_latents_continues_bit_for_bit(prepared, tmp_path, monkeypatch):
+    # The frozen VAE's random initialisation (before its weights would load) must not shift the
+    # training noise of a resumed run: stopped after step 1 and resumed equals 2 straight steps.
+    monkeypatch.setattr(train, "load_vae", tiny_vae)
+    straight = train.main(train.get_args(flags(prepared, tmp_path / "a", "--max-train-steps", 2)))
+    train.main(train.get_args(flags(prepared, tmp_path / "b", "--max-train-steps", 1)))
+    resumed = train.main(train.get_args(flags(prepared, tmp_path / "b", "--max-train-steps", 2)))
+    for a, b in zip(straight, resumed):  # model, ema
+        assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    terms = ("step", "loss", "denoise", "proj", "cls", "grad_norm")
+    assert [[r[k] for k in terms] for r in rows_of(tmp_path / "a")] == [[r[k] for k in terms] for r in rows_of(tmp_path / "b")]
