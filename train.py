@@ -30,7 +30,6 @@ import warnings
 from contextlib import nullcontext
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw

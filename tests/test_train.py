@@ -1,5 +1,6 @@
 """Specification of train.py: a short run on the built-in data end to end, atomic checkpoints,
-bit-exact resume after a kill, a clean stop on a non-finite loss, and two CPU ranks (gloo)."""
+bit-exact resume after a kill, a clean stop on a non-finite loss, user mistakes as one line
+`error: ...`, and two CPU ranks (gloo): their own noise, a bit-exact resume, another world size."""
 import argparse
 import json
 import os
