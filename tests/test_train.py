@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 from model import read_checkpoint
 from util import UserError
@@ -299,6 +300,14 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
         ckpt_dir.mkdir(parents=True)
         write(ckpt_dir / "0000002.pt")
         return ["--output-dir", str(tmp_path / name)]
+    def prepared_with(name, **manifest):  # a prepared folder (data.py's format) with these manifest entries
+        data.write_synthetic(str(tmp_path / name), count=16, resolution=32, num_classes=2)
+        with open(tmp_path / name / "manifest.json") as f:
+            written = json.load(f)
+        with open(tmp_path / name / "manifest.json", "w") as f:
+            json.dump({**written, **manifest}, f)
+        return ["--data-path", str(tmp_path / name), "--model", "SiT-T/2", "--enc-type", "stand-in"]
+    (tmp_path / "partly" / "progress").mkdir(parents=True)
     (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 not a weights file")
     np.savez_compressed(tmp_path / "ref.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
     out = ["--output-dir", str(tmp_path / "runs")]
@@ -306,6 +315,10 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
         "missing --data-path folder": ([*out, "--data-path", str(tmp_path / "nowhere")], "is not a folder"),
         "bad flag value": ([*out, "--lr", "fast"], "invalid float value"),
         "unknown flag": ([*out, "--learning-rate", "1e-4"], "unrecognized arguments"),
+        "partly prepared --data-path": ([*out, "--data-path", str(tmp_path / "partly")], "only partly prepared"),
+        "another format version": ([*out, *prepared_with("v0", format_version=0)], "has format version 0"),
+        "unknown VAE": ([*out, *prepared_with("vae", vae="sd-vae-ft-xl")], "Unknown VAE 'sd-vae-ft-xl'"),
+        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown DINOv2 encoder 'dinov2-vit-z'"),
         "a batch that does not split": ([*out, "--global-batch-size", "6", "--gradient-accumulation-steps", "4"],
                                         "does not split evenly"),
         "corrupt checkpoint": (latest_checkpoint_is("corrupt", lambda p: p.write_bytes(b"half a checkpoint")),
