@@ -134,7 +134,8 @@ def test_the_samples_do_not_depend_on_the_number_of_processes(tmp_path, eval_fil
     # of one process, bit for bit, for 1, 2 or 4 processes (4 > 3 batches: one process has none).
     args = train.get_args(["--output-dir", str(tmp_path), *eval_files["flags"], "--eval-every", "1",
                            "--eval-samples", "5", "--eval-batch-size", "2", "--eval-steps", "2"])
-    dataset = type("Latents", (), dict(resolution=8, downsample=1, latent_channels=3, num_classes=4, scaling_factor=1.0))
+    dataset = type("Latents", (), dict(resolution=8, downsample=1, latent_channels=3, num_classes=4,
+                                       scaling_factor=1.0))
     ema = SiT_models["SiT-T/4"](input_size=8, in_channels=3, num_classes=4, z_dim=16).eval()
     with torch.no_grad():
         ema.final_layer.linear.weight.normal_()  # zero at init: the samples would not depend on the model

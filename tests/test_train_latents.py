@@ -212,4 +212,5 @@ def test_resume_on_latents_continues_bit_for_bit(prepared, tmp_path, monkeypatch
     for a, b in zip(straight, resumed):  # model, ema
         assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
     terms = ("step", "loss", "denoise", "proj", "cls", "grad_norm")
-    assert [[r[k] for k in terms] for r in rows_of(tmp_path / "a")] == [[r[k] for k in terms] for r in rows_of(tmp_path / "b")]
+    logged = [[[r[k] for k in terms] for r in rows_of(tmp_path / run)] for run in ("a", "b")]
+    assert logged[0] == logged[1]
