@@ -12,6 +12,9 @@ One node with 8 GPUs:
 Two nodes (run on each, with the first node's address):
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=$HEAD:29500 \\
         train.py --data-path /data/imagenet256 --model SiT-XL/2
+FID while training (off by default), with evaluate.py's FID Inception and ADM's reference batch:
+    python train.py ... --eval-every 50000 --eval-ref VIRTUAL_imagenet256_labeled.npz \\
+        --inception pt_inception-2015-12-05-6726825d.pth --eval-samples 10000
 Baselines: --cls-coeff 0 is REPA (no class token), and --proj-coeff 0 as well is plain SiT.
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
@@ -23,18 +26,21 @@ import copy
 import json
 import os
 import time
+import warnings
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import evaluate
 from data import BuiltinShapes, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
 from flow import sample_sde, training_loss
 from model import SiT_models, read_checkpoint
-from util import ArgumentParser, UserError, cleanup_processes, run, save_grid, setup_processes
+from util import ArgumentParser, UserError, cleanup_processes, run, save_grid, setup_processes, to_uint8
 
 # The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
 # learns the built-in shapes (32x32 pixels) in minutes on a CPU. Everything else keeps the
@@ -89,16 +95,39 @@ def get_args(argv=None):
     p.add_argument("--checkpoint-every", type=int, default=10_000, help="steps between checkpoints")
     p.add_argument("--sample-steps", type=int, default=50, help="SDE steps of the sample grid")
     p.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG of the sample grid")
+    add_eval_args(p)
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
         p.set_defaults(**BUILTIN)
     args = p.parse_args(argv)
     args.preset = "builtin" if args.data_path is None else None
+    check_args(p, args)
+    return args
+
+
+def add_eval_args(p):
+    g = p.add_argument_group("FID while training (evaluate.py's metrics; the paper's protocol without guidance)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: none)")
+    g.add_argument("--eval-ref", default=None, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
+    g.add_argument("--inception", default=None, help=f"FID Inception weights, from {evaluate.WEIGHTS_URL}")
+    g.add_argument("--eval-samples", type=int, default=10_000, help="samples per evaluation, over all processes")
+    g.add_argument("--eval-steps", type=int, default=250, help="SDE Euler-Maruyama steps of the samples")
+    g.add_argument("--eval-batch-size", type=int, default=64, help="samples per sampler call, per process")
+
+
+def check_args(p, args):
+    """Mistakes in the flags end here, before anything is built (p.error: one line, exit 2)."""
     for name in ("global_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
-                 "sample_every", "checkpoint_every", "sample_steps"):
+                 "sample_every", "checkpoint_every", "sample_steps", "eval_samples", "eval_batch_size"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    return args
+    if args.eval_every < 0:
+        p.error("--eval-every must be 0 (no evaluation) or a number of steps")
+    if args.eval_every and args.eval_steps < 2:
+        p.error("--eval-steps must be at least 2 (the SDE sampler's last step is deterministic)")
+    for flag, path in (("--eval-ref", args.eval_ref), ("--inception", args.inception)):
+        if args.eval_every and not (path and os.path.isfile(path)):
+            p.error(f"--eval-every needs {flag}: {'no file at ' + path if path else 'not given'}")
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -228,11 +257,19 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if path is None:
         return 0, None
     ckpt = read_checkpoint(path)
+    missing = sorted({"model", "ema", "opt", "scaler", "args", "steps", "rng", "world_size"} - ckpt.keys())
+    if missing:
+        raise UserError(f"{path} is not a checkpoint that train.py can resume from (it has no {', '.join(missing)}); "
+                        f"move it out of {ckpt_dir}, or use another --exp-name for a new run")
     if ckpt["args"].model != args.model:
         raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
                         f"{args.model}; use another --exp-name for a new run")
-    model.load_state_dict(ckpt["model"])
-    ema.load_state_dict(ckpt["ema"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+    except RuntimeError as e:  # same size, other data shape or flags (--cls-coeff 0, another resolution)
+        raise UserError(f"{path} does not fit this run's {args.model} ({str(e).splitlines()[0]}); "
+                        "resume with the flags and data that wrote it, or use another --exp-name") from e
     opt.load_state_dict(ckpt["opt"])
     scaler.load_state_dict(ckpt["scaler"])
     ckpt["path"] = path
@@ -250,9 +287,9 @@ def restore_rng(ckpt, args, processes, step):
     # e.g. more nodes than before: fine, but not the run an uninterrupted job would have been.
     torch.manual_seed((args.seed * world_size + rank) * 1_000_003 + step)
     if processes.master:
-        print(f"note: {ckpt['path']} was written by {ckpt['world_size']} processes and this run has "
-              f"{world_size}: training continues, with another data order and noise than an "
-              "uninterrupted run would have had")
+        warnings.warn(f"{ckpt['path']} was written by {ckpt['world_size']} processes and this run has "
+                      f"{world_size}: training continues, with another data order and noise than an "
+                      "uninterrupted run would have had", stacklevel=2)
 
 
 def all_mean(values, world_size):
@@ -285,13 +322,14 @@ def nice_ticks(lo, hi, count=5):
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def plot_curves(rows, keys, path, width=720, panel_height=170):
-    """One panel per key, each on its own scale, against the step: raw values light, smoothed dark.
+def plot_curves(rows, keys, path, smoothing=0.9, width=720, panel_height=170):
+    """One panel per key, each on its own scale, against the step: raw values light, smoothed dark;
+    with smoothing 0 (sparse points, e.g. evaluations) one dark line with a dot per point.
 
     Drawn with PIL, so no plotting library is needed. rows: dicts with "step" and some of `keys`.
     """
     series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
-    series = {k: s for k, s in series.items() if len(s) > 1}
+    series = {k: s for k, s in series.items() if s}
     if not series:
         return
     left, right, top, bottom = 70, 20, 24, 30
@@ -299,6 +337,7 @@ def plot_curves(rows, keys, path, width=720, panel_height=170):
     draw = ImageDraw.Draw(image)
     steps = [x for s in series.values() for x, _ in s]
     x0, x1 = min(steps), max(steps)
+    x1 = max(x1, x0 + 1)  # one step still gets an axis
     for i, (key, points) in enumerate(series.items()):
         y_top, y_bottom = i * panel_height + top, (i + 1) * panel_height - bottom
         xs, ys = [x for x, _ in points], [y for _, y in points]
@@ -316,8 +355,13 @@ def plot_curves(rows, keys, path, width=720, panel_height=170):
             draw.line([px(tick, lo), (px(tick, lo)[0], y_bottom + 4)], fill=(90, 90, 90))
             draw.text((px(tick, lo)[0] - 12, y_bottom + 6), f"{tick:g}", fill=(90, 90, 90))
         draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
-        draw.line([px(x, y) for x, y in points], fill=(160, 190, 230), width=1)
-        draw.line([px(x, y) for x, y in zip(xs, smooth(ys))], fill=(31, 80, 180), width=2)
+        if smoothing:
+            draw.line([px(x, y) for x, y in points], fill=(160, 190, 230), width=1)
+            draw.line([px(x, y) for x, y in zip(xs, smooth(ys, smoothing))], fill=(31, 80, 180), width=2)
+        else:
+            draw.line([px(x, y) for x, y in points], fill=(31, 80, 180), width=2)
+            for u, v in map(px, xs, ys):
+                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=(31, 80, 180))
         draw.text((left, y_top - 16), f"{key}   (last {ys[-1]:.4g}; step {xs[-1]})", fill=(0, 0, 0))
     image.save(path)
 
@@ -386,14 +430,13 @@ class SampleGrid:
     """Fixed noise and labels for the sample grids, the same on every process and after a resume:
     one row of 8 per class (at most 10 classes), sampled from the EMA with the SDE sampler."""
 
-    def __init__(self, args, dataset, z_dim, device):
+    def __init__(self, args, dataset, z_dim, vae, device):
         generator = torch.Generator().manual_seed(args.seed)
         size = dataset.resolution // dataset.downsample
         self.y = torch.arange(min(dataset.num_classes, 10)).repeat_interleave(8).to(device)
         self.x = torch.randn(len(self.y), dataset.latent_channels, size, size, generator=generator).to(device)
         self.cls = torch.randn(len(self.y), z_dim, generator=generator).to(device) if args.cls_coeff > 0 else None
-        self.vae = load_vae(dataset.vae, path=args.vae_path).to(device)
-        self.args, self.dataset = args, dataset
+        self.vae, self.args, self.dataset = vae, args, dataset
 
     def save(self, ema, path):
         args, device = self.args, self.x.device
@@ -403,6 +446,92 @@ class SampleGrid:
                               null_label=self.dataset.num_classes, path=args.path_type,
                               generator=torch.Generator(device).manual_seed(args.seed))
         save_grid(self.vae.decode(z.float() / self.dataset.scaling_factor), path, nrow=8)
+
+
+class Evaluation:
+    """FID, sFID, IS, precision and recall of the EMA with evaluate.py's code (ADM's evaluator,
+    arXiv 2105.05233), by the paper's protocol without guidance (REG 2507.01467, Table 1): SDE
+    Euler-Maruyama, --eval-steps steps, CFG 1. All processes sample; rank 0 computes the metrics,
+    logs them as e.g. fid10k (the 10k from --eval-samples) and draws fid.png.
+
+    Sample i's start noise comes from (--seed, i) and its label is i mod num_classes (every class
+    equally often); batch k's SDE noise from (--seed, k). Each process takes a contiguous run of
+    batches, so the samples and their order do not depend on the number of processes.
+    """
+
+    def __init__(self, args, dataset, z_dim, vae, processes, run_dir):
+        try:
+            self.net = evaluate.load_inception(args.inception, processes.device)
+        except UserError as e:  # its message may quote torch's, several lines long: keep `error: ...` one line
+            raise UserError(" ".join(str(e).split())) from None
+        self.ref = evaluate.reference_statistics(args.eval_ref, self.net)  # cached beside the file
+        n = args.eval_samples
+        tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
+        self.names = {"fid": f"fid{tag}", "sfid": f"sfid{tag}", "inception_score": f"is{tag}",
+                      "precision": f"precision{tag}", "recall": f"recall{tag}"}
+        self.plot = os.path.join(run_dir, "fid.png")
+        self.args, self.dataset, self.z_dim, self.vae, self.processes = args, dataset, z_dim, vae, processes
+
+    def start_noise(self, indices, cls_token):
+        """(x (n, C, h, w), cls (n, z_dim) or None, labels (n,)) of the samples with these indices."""
+        d, seed = self.dataset, self.args.seed
+        size = d.resolution // d.downsample
+        gens = [torch.Generator().manual_seed((seed * 2**32 + i) * 2) for i in indices]
+        x = torch.stack([torch.randn(d.latent_channels, size, size, generator=g) for g in gens])
+        cls = torch.stack([torch.randn(self.z_dim, generator=g) for g in gens]) if cls_token else None
+        return x, cls, torch.tensor([i % d.num_classes for i in indices])
+
+    def images(self, ema, k):
+        """Batch k of the samples as uint8 (n, H, W, 3), decoded from latent / scaling_factor."""
+        args, device = self.args, self.processes.device
+        indices = range(k * args.eval_batch_size, min((k + 1) * args.eval_batch_size, args.eval_samples))
+        x, cls, y = (None if t is None else t.to(device) for t in self.start_noise(indices, ema.cls_token))
+        dtype = amp_dtype(args.precision, device)
+        generator = torch.Generator(device).manual_seed((args.seed * 2**32 + k) * 2 + 1)  # odd: not a sample's seed
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            z, _ = sample_sde(ema, x, y, cls, steps=args.eval_steps, cfg_scale=1.0, null_label=self.dataset.num_classes,
+                              path=args.path_type, generator=generator)
+        images = to_uint8(self.vae.decode(z.float() / self.dataset.scaling_factor).float())  # (n, 3, H, W)
+        return images.permute(0, 2, 3, 1).cpu().numpy()
+
+    def features(self, ema):
+        """This process's share of the samples -> their Inception features (evaluate.features' dict)."""
+        rank, world = self.processes.rank, self.processes.world_size
+        batches = -(-self.args.eval_samples // self.args.eval_batch_size)
+        parts = [evaluate.features(self.net, self.images(ema, k), progress=False)
+                 for k in range(batches * rank // world, batches * (rank + 1) // world)]
+        if not parts:  # more processes than batches: this one contributes no rows
+            size = self.dataset.resolution
+            parts = [evaluate.features(self.net, np.zeros((0, size, size, 3), np.uint8), progress=False)]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+    def run(self, step, ema, log):
+        """Evaluate; any failure becomes a warning and training goes on. Every process takes the
+        same path through the collectives, whichever process failed."""
+        start, error, numbers = time.time(), None, None
+        try:
+            feats = self.features(ema)
+        except Exception as e:  # an evaluation must never end the run
+            feats, error = None, e
+        ok = torch.tensor(float(error is None), device=self.processes.device)
+        if self.processes.world_size > 1:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        if ok.item():
+            feats = evaluate.gather_features(feats)
+            if self.processes.master:
+                try:
+                    numbers = evaluate.metrics(self.ref, feats)
+                except Exception as e:
+                    error = e
+        if not self.processes.master:
+            return
+        if numbers is None:
+            reason = f"{type(error).__name__}: {error}" if error else "it failed on another process"
+            warnings.warn(f"evaluation at step {step} failed: {reason}; training goes on", stacklevel=2)
+            return
+        log.record(dict(step=step, **{name: numbers[key] for key, name in self.names.items()},
+                        eval_seconds=time.time() - start))
+        plot_curves(log.rows, self.names.values(), self.plot, smoothing=0)
 
 
 def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
@@ -418,73 +547,110 @@ def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processe
                                "world_size": processes.world_size, "config": config})
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the phases of main
 
-def main(args):
-    # Processes: one per GPU under torchrun, or a single one; each draws its own noise.
+def start_processes(args):
+    """One process per GPU under torchrun, or a single one; each draws its own noise."""
     processes = setup_processes()
-    device, master, world_size = processes.device, processes.master, processes.world_size
-    torch.manual_seed(args.seed * world_size + processes.rank)
+    torch.manual_seed(args.seed * processes.world_size + processes.rank)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     accum = args.gradient_accumulation_steps
-    local_batch, rest = divmod(args.global_batch_size, world_size * accum)
+    local_batch, rest = divmod(args.global_batch_size, processes.world_size * accum)
     if rest or not local_batch:
-        raise UserError(f"--global-batch-size {args.global_batch_size} does not split evenly over {world_size} "
-                        f"processes x {accum} accumulation steps; make it a multiple of {world_size * accum}")
+        raise UserError(f"--global-batch-size {args.global_batch_size} does not split evenly over "
+                        f"{processes.world_size} processes x {accum} accumulation steps; make it a multiple "
+                        f"of {processes.world_size * accum}")
+    return processes, local_batch
 
-    # Data: images (for DINOv2) and VAE posterior moments (for the latents), or the builtin shapes.
+
+def open_data(args, processes):
+    """Images (for DINOv2) and VAE posterior moments (for the latents), or the builtin shapes;
+    and the run directory."""
+    if args.data_path is not None and not os.path.isdir(args.data_path):
+        raise UserError(f"--data-path {args.data_path} is not a folder; prepare one with "
+                        f"python data.py prepare --src /imagenet/train --dst {args.data_path}")
     dataset = BuiltinShapes() if args.data_path is None else PreparedDataset(args.data_path)
     data_name = "builtin" if args.data_path is None else "data"
     run_dir = os.path.join(args.output_dir, args.exp_name or f"{args.model.replace('/', '-')}-{data_name}")
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    if master:
-        os.makedirs(ckpt_dir, exist_ok=True)
+    if processes.master:
+        os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)
+    return dataset, run_dir
 
-    # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer.
+
+def build_frozen_outputs(args, dataset, z_dim, processes, run_dir):
+    """The VAE decoder for the sample grids and evaluations, and the evaluation (its Inception
+    and the reference statistics: a bad file fails here, before training). Their random
+    initialisation before loading weights must not shift the training noise: a forked RNG."""
+    device, master = processes.device, processes.master
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master or args.eval_every else None
+        evaluation = Evaluation(args, dataset, z_dim, vae, processes, run_dir) if args.eval_every else None
+    grid = SampleGrid(args, dataset, z_dim, vae, device) if master else None
+    return grid, evaluation
+
+
+def distribute(args, model, encoder, ema, ckpt, processes):
+    """The SiT wrapped for the forward (DDP over processes, torch.compile on GPU) and the encoder to run."""
+    device = processes.device
+    net = model
+    if processes.world_size > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if processes.world_size > 1 and ckpt is None:  # DDP gave every process rank 0's weights: the EMA starts there too
+        ema.load_state_dict(model.state_dict())
+    if device.type == "cuda" if args.compile is None else args.compile:  # fuses the elementwise kernels
+        return torch.compile(net), torch.compile(encoder)
+    return net, encoder
+
+
+def main(args):
+    processes, local_batch = start_processes(args)
+    device, master, world_size = processes.device, processes.master, processes.world_size
+    dataset, run_dir = open_data(args, processes)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+
+    # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer; the
+    # frozen networks of the outputs (VAE decoder, FID Inception).
     encoder = build_encoder(args, dataset).to(device)
     model, config = build_model(args, dataset, encoder.z_dim)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt, scaler = build_optimizer(args, model)
+    grid, evaluation = build_frozen_outputs(args, dataset, encoder.z_dim, processes, run_dir)
 
-    # Resume from the run directory's latest checkpoint, if any.
+    # Resume from the run directory's latest checkpoint, if any; then the data from that step on.
     step, ckpt = resume(args, ckpt_dir, model, ema, opt, scaler)
-    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if world_size > 1 else model
-    if world_size > 1 and ckpt is None:  # DDP gave every process rank 0's weights: start the EMA there too
-        ema.load_state_dict(model.state_dict())
-    run_encoder = encoder
-    if device.type == "cuda" if args.compile is None else args.compile:  # fuses the elementwise kernels
-        net, run_encoder = torch.compile(net), torch.compile(encoder)
-    loader = make_loader(dataset, local_batch * accum, processes.rank, world_size, seed=args.seed,
-                         num_workers=args.num_workers, start_step=step)
+    net, run_encoder = distribute(args, model, encoder, ema, ckpt, processes)
+    loader = make_loader(dataset, local_batch * args.gradient_accumulation_steps, processes.rank, world_size,
+                         seed=args.seed, num_workers=args.num_workers, start_step=step)
     restore_rng(ckpt, args, processes, step)  # only now: starting the loader draws from the RNG
-
     log = MetricsLog(run_dir, step, processes)
-    grid = SampleGrid(args, dataset, encoder.z_dim, device) if master else None
     if master:
         print(f"{args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) on "
               f"{type(dataset).__name__} ({len(dataset)} images), {world_size} process(es) on {device.type}, "
-              f"batch {local_batch} per process x {accum} accumulation, "
+              f"batch {local_batch} per process x {args.gradient_accumulation_steps} accumulation, "
               f"{f'preset {args.preset}: {flags(BUILTIN)}, ' if args.preset else ''}"
               f"{f'resuming at step {step} from ' + ckpt['path'] if ckpt else 'new run'} -> {run_dir}", flush=True)
 
     # The loop: a step, then whatever is due at that step.
     net.train()
-    while step < args.max_train_steps:
+    last = args.max_train_steps
+    while step < last:
         metrics = train_step(next(loader), net=net, encoder=run_encoder, model=model, ema=ema, opt=opt,
                              scaler=scaler, args=args, scaling_factor=dataset.scaling_factor)
         step += 1
         log.add(metrics)
-        if due(step, args.log_every, args.max_train_steps) or due(step, args.checkpoint_every, args.max_train_steps):
+        if due(step, args.log_every, last) or due(step, args.checkpoint_every, last):
             log.check_finite(step, ckpt_dir)  # before anything of this step is saved
-        if due(step, args.log_every, args.max_train_steps):
+        if due(step, args.log_every, last):
             log.write(step, args.global_batch_size)
         paused = time.time()
-        if master and due(step, args.sample_every, args.max_train_steps):
+        if master and due(step, args.sample_every, last):
             grid.save(ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
-        if due(step, args.checkpoint_every, args.max_train_steps):
+        if due(step, args.checkpoint_every, last):
             write_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), step, model, ema, opt, scaler, args,
                              config, processes)
+        if evaluation and due(step, args.eval_every, last):  # after the checkpoint: it is safe whatever happens here
+            evaluation.run(step, ema, log)
         log.exclude(since=paused)
 
     if master:

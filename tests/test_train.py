@@ -1,15 +1,21 @@
 """Specification of train.py: a short run on the built-in data end to end, atomic checkpoints,
-bit-exact resume after a kill, a clean stop on a non-finite loss, and two CPU ranks (gloo)."""
+bit-exact resume after a kill, a clean stop on a non-finite loss, user mistakes as one line
+`error: ...`, and two CPU ranks (gloo): their own noise, a bit-exact resume, another world size."""
 import argparse
 import json
 import os
+import re
+import shutil
+import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 from model import read_checkpoint
 from util import UserError
@@ -220,9 +226,15 @@ WRAPPER = """
 import os, sys
 import torch
 sys.path.insert(0, {repo!r})
-import data, train
+sys.path.insert(0, {tests!r})
+import data, evaluate, flow, train
+from test_train_eval import pixel_features
 
+rank = int(os.environ["RANK"])
 seen = []  # dataset indices this rank loaded, in order
+times = []  # the training times t this rank drew, one (N,) tensor per micro-batch
+gathered = []  # rank 0: the number of samples whose features reached the metrics
+step_of_evaluation = []
 
 
 class RecordingShapes(data.BuiltinShapes):
@@ -231,10 +243,35 @@ class RecordingShapes(data.BuiltinShapes):
         return super().__getitem__(index)
 
 
+def sample_time(*args, real=flow.sample_time, **kwargs):
+    times.append(real(*args, **kwargs))
+    return times[-1]
+
+
+def evaluation_run(self, step, ema, log, real=train.Evaluation.run):
+    step_of_evaluation.append(step)
+    return real(self, step, ema, log)
+
+
+def images(self, ema, k, real=train.Evaluation.images):
+    if rank == 1 and step_of_evaluation[-1] == 2:
+        raise RuntimeError("simulated failure on rank 1")
+    return real(self, ema, k)
+
+
+def metrics(ref, feats, real=evaluate.metrics):
+    gathered.append(len(feats["pool"]))
+    return real(ref, feats)
+
+
 train.BuiltinShapes = RecordingShapes
+flow.sample_time = sample_time
+train.Evaluation.run, train.Evaluation.images = evaluation_run, images
+evaluate.load_inception = lambda path, device="cpu": torch.nn.Linear(1, 1)
+evaluate.features, evaluate.metrics = pixel_features, metrics
 model, ema = train.main(train.get_args(sys.argv[2:]))
-torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen}},
-           os.path.join(sys.argv[1], f"rank{{os.environ['RANK']}}.pt"))
+torch.save({{"model": model.state_dict(), "ema": ema.state_dict(), "seen": seen, "times": times,
+            "gathered": gathered}}, os.path.join(sys.argv[1], f"rank{{rank}}.pt"))
 """
 
 
@@ -243,6 +280,9 @@ def test_help_lists_every_default_and_the_builtin_preset():
                          timeout=60).stdout
     assert "400000" in out and "0.9999" in out and "SiT-XL/2" in out  # defaults of the paper's run
     assert "builtin preset" in out and train.flags(train.BUILTIN) in " ".join(out.split())
+    assert "(default: 0.9999)" in out and "(default: 400000)" in out  # each flag says its default
+    for flag, default in (("--eval-every", "0"), ("--eval-samples", "10000"), ("--eval-steps", "250")):
+        assert re.search(rf"{flag} \S+\s+.*?\(default: {default}\)", out, re.S), flag
 
 
 def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp_path):
@@ -254,27 +294,130 @@ def test_a_batch_that_does_not_split_over_accumulation_exits_2_with_one_line(tmp
     assert len(lines) == 1 and lines[0].startswith("error:") and "--global-batch-size" in lines[0]
 
 
+def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
+    def latest_checkpoint_is(name, write):  # --output-dir of a run directory whose latest checkpoint `write` made
+        ckpt_dir = tmp_path / name / RUN / "checkpoints"
+        ckpt_dir.mkdir(parents=True)
+        write(ckpt_dir / "0000002.pt")
+        return ["--output-dir", str(tmp_path / name)]
+    def prepared_with(name, **manifest):  # a prepared folder (data.py's format) with these manifest entries
+        data.write_synthetic(str(tmp_path / name), count=16, resolution=32, num_classes=2)
+        with open(tmp_path / name / "manifest.json") as f:
+            written = json.load(f)
+        with open(tmp_path / name / "manifest.json", "w") as f:
+            json.dump({**written, **manifest}, f)
+        return ["--data-path", str(tmp_path / name), "--model", "SiT-T/2", "--enc-type", "stand-in"]
+    (tmp_path / "partly" / "progress").mkdir(parents=True)
+    (tmp_path / "garbage.pth").write_bytes(b"\x80\x02 not a weights file")
+    np.savez_compressed(tmp_path / "ref.npz", arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    out = ["--output-dir", str(tmp_path / "runs")]
+    cases = {
+        "missing --data-path folder": ([*out, "--data-path", str(tmp_path / "nowhere")], "is not a folder"),
+        "bad flag value": ([*out, "--lr", "fast"], "invalid float value"),
+        "unknown flag": ([*out, "--learning-rate", "1e-4"], "unrecognized arguments"),
+        "partly prepared --data-path": ([*out, "--data-path", str(tmp_path / "partly")], "only partly prepared"),
+        "another format version": ([*out, *prepared_with("v0", format_version=0)], "has format version 0"),
+        "unknown VAE": ([*out, *prepared_with("vae", vae="sd-vae-ft-xl")], "Unknown VAE 'sd-vae-ft-xl'"),
+        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown DINOv2 encoder 'dinov2-vit-z'"),
+        "a batch that does not split": ([*out, "--global-batch-size", "6", "--gradient-accumulation-steps", "4"],
+                                        "does not split evenly"),
+        "corrupt checkpoint": (latest_checkpoint_is("corrupt", lambda p: p.write_bytes(b"half a checkpoint")),
+                               "is not a checkpoint written by train.py"),
+        "another program's checkpoint": (latest_checkpoint_is("other", lambda p: torch.save({"w": torch.zeros(2)}, p)),
+                                         "is not a checkpoint that train.py can resume from"),
+        "not a dict": (latest_checkpoint_is("list", lambda p: torch.save([1, 2], p)), "holds a list"),
+        "bad Inception file": ([*out, "--eval-every", "2", "--eval-ref", str(tmp_path / "ref.npz"),
+                                "--inception", str(tmp_path / "garbage.pth")], "is not a PyTorch weights file"),
+    }
+    # One Python runs every case as `python train.py ...` would (runpy, as __main__), so torch is
+    # imported once; an exception that escapes train.py is what would print a traceback.
+    result = subprocess.run([sys.executable, "-c", MISTAKES, json.dumps({k: f for k, (f, _) in cases.items()})],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    for name, (_, message) in cases.items():
+        code, err = outcomes[name]
+        lines = err.strip().splitlines()
+        assert code == 2 and "Traceback" not in err, (name, err[-2000:])
+        assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (name, err[-2000:])
+
+
+MISTAKES = """
+import contextlib, io, json, runpy, sys, traceback
+outcomes = {}
+for name, flags in json.loads(sys.argv[1]).items():
+    sys.argv, err = ["train.py", "--max-train-steps", "1", *flags], io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path("train.py", run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            code, _ = 1, traceback.print_exc()
+    outcomes[name] = (code, err.getvalue())
+print(json.dumps(outcomes))
+"""
+
+
+def free_port():
+    """A local TCP port that is free now (bound to port 0, then released)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 0))
+        except OSError as e:
+            pytest.fail(f"cannot bind a local TCP port for the gloo processes ({e}); the DDP tests need one")
+        return s.getsockname()[1]
+
+
 def run_torchrun(args, env, cwd, attempts=3):
     """torchrun on a fresh local port; retried on another port when the port is taken, never skipped."""
     for _ in range(attempts):
-        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", *args], env=env,
-                                cwd=cwd, capture_output=True, text=True, timeout=180)
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--master_addr=127.0.0.1",
+                    f"--master_port={free_port()}"]
+        result = subprocess.run([*launcher, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
         if not (result.returncode and any(s in result.stderr for s in (
                 "Address already in use", "EADDRINUSE", "Cannot assign requested address"))):
             return result
     pytest.fail(f"torchrun could not bind a local port in {attempts} attempts: {result.stderr[-500:]}")
 
 
-def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(WRAPPER.format(repo=REPO))
-    steps, local_batch = 4, 4  # global batch 8 over 2 ranks
-    cmd = ["--nproc_per_node=2", str(wrapper), str(tmp_path), "--output-dir", str(tmp_path / "runs"), *TINY,
-           "--max-train-steps", str(steps), "--checkpoint-every", "2"]
+def two_rank_run(tmp, out_dir, wrapper, steps):
+    """The wrapper under torchrun with 2 CPU ranks (gloo) on the built-in data, with an evaluation
+    every 2 steps that fails at step 2 on rank 1 -> (result, [rank 0's record, rank 1's])."""
+    os.makedirs(out_dir, exist_ok=True)
+    ref = tmp / "ref.npz"
+    if not ref.exists():
+        np.savez_compressed(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8))
+        (tmp / "inception.pth").write_bytes(b"weights")
+    cmd = ["--nproc_per_node=2", str(wrapper), str(out_dir), "--output-dir", str(tmp / "runs"), *TINY,
+           "--max-train-steps", str(steps), "--checkpoint-every", "2", "--eval-every", "2", "--eval-ref", str(ref),
+           "--inception", str(tmp / "inception.pth"), "--eval-samples", "6", "--eval-batch-size", "2",
+           "--eval-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = run_torchrun(cmd, env, tmp_path)
+    result = run_torchrun(cmd, env, tmp)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return result, [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """4 steps on 2 CPU ranks, a checkpoint every 2; and a copy of its run directory as it was
+    at step 2, to resume from."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    wrapper = tmp / "wrapper.py"
+    wrapper.write_text(WRAPPER.format(repo=REPO, tests=os.path.join(REPO, "tests")))
+    result, ranks = two_rank_run(tmp, tmp, wrapper, steps=4)
+    at_step_2 = tmp / "at_step_2"
+    shutil.copytree(tmp / "runs", at_step_2 / "runs")
+    os.remove(at_step_2 / "runs" / RUN / "checkpoints" / "0000004.pt")
+    return dict(tmp=tmp, wrapper=wrapper, result=result, ranks=ranks, at_step_2=at_step_2)
+
+
+def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(two_ranks):
+    tmp_path, ranks = two_ranks["tmp"], two_ranks["ranks"]
+    steps, local_batch = 4, 4  # global batch 8 over 2 ranks
     for key in ("model", "ema"):
         state0, state1 = ranks[0][key], ranks[1][key]
         assert all(torch.equal(state0[k], state1[k]) for k in state0), key
@@ -285,3 +428,48 @@ def test_two_cpu_ranks_hold_identical_weights_and_see_disjoint_data(tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "runs" / RUN / "checkpoints" / f"{steps:07d}.pt"))
     assert ckpt["world_size"] == 2
     assert all(torch.equal(ckpt["model"][k], ranks[0]["model"][k]) for k in ckpt["model"])
+
+
+def test_each_rank_draws_its_own_noise(two_ranks):
+    t0, t1 = (torch.cat(r["times"]) for r in two_ranks["ranks"])
+    assert t0.shape == t1.shape == (4 * 4,)  # a time per sample of each rank's 4 steps of 4
+    assert not torch.isclose(t0[:, None], t1[None]).any()  # no time shared between the ranks
+    ckpt = read_checkpoint(str(two_ranks["tmp"] / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    assert not torch.equal(ckpt["rng"][0]["cpu"], ckpt["rng"][1]["cpu"])
+
+
+def test_an_evaluation_that_fails_on_one_rank_warns_and_all_ranks_train_on(two_ranks):
+    stderr = two_ranks["result"].stderr
+    assert "evaluation at step 2 failed: it failed on another process; training goes on" in stderr
+    assert two_ranks["ranks"][0]["gathered"] == [6]  # step 4: all 6 samples, shared over both ranks
+    rows = metrics(two_ranks["tmp"] / "runs" / RUN)
+    assert [r["step"] for r in rows if "fid6" in r] == [4] and [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_two_rank_run_stopped_and_resumed_continues_bit_for_bit(two_ranks, tmp_path):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(two_ranks["at_step_2"], resumed)
+    _, ranks = two_rank_run(resumed, resumed, two_ranks["wrapper"], steps=4)
+    a = read_checkpoint(str(two_ranks["tmp"] / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    b = read_checkpoint(str(resumed / "runs" / RUN / "checkpoints" / "0000004.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+        assert all(torch.equal(ranks[r][key][k], a[key][k]) for r in range(2) for k in a[key]), key
+    for i, state in a["opt"]["state"].items():
+        assert all(torch.equal(state[k], b["opt"]["state"][i][k]) for k in state)
+    assert all(torch.equal(a["rng"][r]["cpu"], b["rng"][r]["cpu"]) for r in range(2))  # each rank's stream
+    # Steps 3 and 4 drew the same times on each rank as the uninterrupted run did.
+    assert all(torch.equal(torch.cat(ranks[r]["times"]), torch.cat(two_ranks["ranks"][r]["times"][2:]))
+               for r in range(2))
+    loss_rows = [[[row[k] for k in LOSS_TERMS] for row in metrics(d / "runs" / RUN) if "loss" in row]
+                 for d in (two_ranks["tmp"], resumed)]
+    assert loss_rows[0] == loss_rows[1]
+
+
+def test_resuming_with_another_world_size_warns_and_runs(two_ranks, tmp_path):
+    shutil.copytree(two_ranks["at_step_2"], tmp_path / "copy")
+    with pytest.warns(UserWarning, match="written by 2 processes and this run has 1: training continues"):
+        train_run(tmp_path / "copy" / "runs", "--max-train-steps", "3", "--checkpoint-every", "100")
+    ckpt = read_checkpoint(str(tmp_path / "copy" / "runs" / RUN / "checkpoints" / "0000003.pt"))
+    assert ckpt["steps"] == 3 and ckpt["world_size"] == 1
+    assert [r["step"] for r in metrics(tmp_path / "copy" / "runs" / RUN) if "loss" in r] == [1, 2, 3]
