@@ -212,7 +212,8 @@ def load_inception(path, device="cpu"):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise util.UserError(f"{path} is not a PyTorch weights file ({e}); download {WEIGHTS_URL}")
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise util.UserError(f"{path} is not a PyTorch weights file ({reason}); download {WEIGHTS_URL}")
     net = InceptionV3()
     try:
         net.load_state_dict(state)  # strict: every key and shape of the FID Inception, nothing else
@@ -337,8 +338,11 @@ def npz_features(path, net, batch_size=100):
     feats = gather_features(features(net, images[shard(len(images))], batch_size, progress))
     if cache and (not util.distributed() or dist.get_rank() == 0):
         tmp = cache + ".tmp.npz"
-        np.savez(tmp, **feats)
-        os.replace(tmp, cache)
+        try:  # atomic, so an interrupted write never leaves a truncated cache
+            np.savez(tmp, **feats)
+            os.replace(tmp, cache)
+        except OSError as e:  # e.g. a read-only folder of reference batches: go on without a cache
+            warnings.warn(f"could not cache the features of {path} beside it ({e}); they will be computed again next time")
     return feats
 
 
