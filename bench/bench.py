@@ -10,7 +10,7 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
 Levers measured here and not (yet) in the product, each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
   train --fp8                  torchao float8 training (tensorwise) of the blocks' Linears
-  sample --variants autocast fp8   fp8: bf16 weights + torchao float8 (per-row) blocks' Linears
+  sample --variants autocast fp8   fp8: bf16 weights, torchao float8 (per-row) in the blocks' Linears
 torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variant.
 Prints one JSON line per measurement.
 """
@@ -42,7 +42,7 @@ def timed(fn, n, warm):
 def in_blocks(module, fqn):
     # The transformer blocks' qkv / proj / fc1 / fc2 hold nearly all GEMM FLOPs; the adaLN,
     # embedding and output Linears see only N rows (or N*T rows of width 16) and stay bf16.
-    return isinstance(module, torch.nn.Linear) and (".attn." in fqn or ".mlp." in fqn)
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and (".attn." in fqn or ".mlp." in fqn)
 
 
 def fp8_training(model):
@@ -142,8 +142,8 @@ def bench_sample(a, dev):
     model = random_sampling_model(targs, dev)
     x, cls, y = sample.noise_and_labels(range(a.batch), model, args, dev)
 
-    def run(m, ar, dtype=torch.float32):
-        return sample.sample_latents(m, x.to(dtype), cls.to(dtype), y, ar,
+    def run(m, ar):
+        return sample.sample_latents(m, x, cls, y, ar,
                                      generator=torch.Generator(dev).manual_seed(0)).float()
 
     with torch.no_grad():
@@ -153,24 +153,23 @@ def bench_sample(a, dev):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         for variant in a.variants:
             torch.cuda.reset_peak_memory_stats()
-            if variant == "autocast":  # the product's default: fp32 weights, bf16 autocast
-                m, ar, dtype = model, args, torch.float32
-            else:  # fp8: bf16 weights, fp8 GEMMs in the blocks, no autocast
-                m, ar, dtype = fp8_inference(model), sampler_args(a.steps, "fp32"), torch.bfloat16
+            # autocast: the product's default, fp32 weights under bf16 autocast. fp8: bf16 weights
+            # with fp8 GEMMs in the blocks, under the same autocast and fp32 inputs.
+            m = model if variant == "autocast" else fp8_inference(model)
             net = torch.compile(m, dynamic=False) if a.compile else m  # two static graphs, as sample.py
             t0 = time.time()
-            run(net, ar, dtype)
+            run(net, args)
             first = time.time() - t0
-            s, out = timed(lambda: run(net, ar, dtype), a.runs, 0)
+            s, out = timed(lambda: run(net, args), a.runs, 0)
             rel = ((out - ref).norm() / ref.norm()).item()
             # Launch overhead check: the sampler's time against its model evaluations alone.
             forward = {}
             for n in (a.batch, 2 * a.batch):
-                xi, ci = x.to(dtype).repeat(n // a.batch, 1, 1, 1), cls.to(dtype).repeat(n // a.batch, 1)
-                yi, ti = y.repeat(n // a.batch), torch.full((n,), 0.5, device=dev, dtype=dtype)
-                with torch.autocast("cuda", torch.bfloat16, enabled=ar.precision == "bf16"):
+                xi, ci = x.repeat(n // a.batch, 1, 1, 1), cls.repeat(n // a.batch, 1)
+                yi, ti = y.repeat(n // a.batch), torch.full((n,), 0.5, device=dev)
+                with torch.autocast("cuda", torch.bfloat16):
                     forward[n] = timed(lambda: net(xi, ti, yi, ci), 5, 2)[0]
-            plain, guided = guided_steps(ar)
+            plain, guided = guided_steps(args)
             model_s = plain * forward[a.batch] + guided * forward[2 * a.batch]
             row = dict(side="ours", what="sample", variant=variant, model=a.model, batch=a.batch, steps=a.steps,
                        compile=a.compile, img_per_s=round(a.batch / s, 2), s_per_batch=round(s, 2),
@@ -179,7 +178,7 @@ def bench_sample(a, dev):
                        model_evals_s=round(model_s, 2), outside_model_s=round(s - model_s, 2),
                        peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
             if a.long_steps:  # one batch of the paper's protocol (SDE 250 steps), for the 50K estimate
-                long_s, _ = timed(lambda: run(net, sampler_args(a.long_steps, ar.precision), dtype), 1, 0)
+                long_s, _ = timed(lambda: run(net, sampler_args(a.long_steps, "bf16")), 1, 0)
                 row.update(long_steps=a.long_steps, long_s_per_batch=round(long_s, 2),
                            long_hours_per_50k=round(50_000 / a.batch * long_s / 3600, 2))
             print(json.dumps(row), flush=True)
