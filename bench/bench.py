@@ -1,15 +1,20 @@
 """Time the project's own training step and sampler, as train.py and sample.py run them.
 
-Imports train.train_step / build_model / build_optimizer / amp_dtype and sample.sample_latents /
+Imports train.train_step / build_model / build_optimizer and sample.sample_latents /
 noise_and_labels / get_args, so what is timed is the product's code, not a copy. Random weights
 (speed does not depend on them), random DINOv2 (weights=None), data resident on the GPU.
 Global settings this script changes, visibly, here: TF32 matmuls on (train.py's --tf32 default).
 
-  python bench/bench.py train --model SiT-XL/2 --batch 32 --steps 30
-  python bench/bench.py sample --batch 128 --steps 50          # + relative L2 to a strict fp32 run
+  python bench/bench.py train --model SiT-XL/2 --batch 32 --steps 20
+  python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
+Levers measured here and not (yet) in the product, each named by a flag:
+  train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
+  train --fp8                  torchao float8 training (tensorwise) of the blocks' Linears
+  sample --variants autocast fp8   fp8: bf16 weights, torchao float8 (per-row) in the blocks' Linears
+torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variant.
 Prints one JSON line per measurement.
 """
-import argparse, json, os, sys, time
+import argparse, copy, json, os, sys, time
 from types import SimpleNamespace
 
 import torch
@@ -24,25 +29,73 @@ IMAGENET = SimpleNamespace(resolution=256, downsample=8, latent_channels=4, num_
 
 
 def timed(fn, n, warm):
+    """Seconds per call of fn (mean of n calls after warm ones), and the last call's result."""
     for _ in range(warm):
         fn()
     torch.cuda.synchronize(); t0 = time.time()
     for _ in range(n):
-        fn()
+        out = fn()
     torch.cuda.synchronize()
-    return (time.time() - t0) / n
+    return (time.time() - t0) / n, out
+
+
+def in_blocks(module, fqn):
+    # The transformer blocks' qkv / proj / fc1 / fc2 hold nearly all GEMM FLOPs; the adaLN,
+    # embedding and output Linears see only N rows (or N*T rows of width 16) and stay bf16.
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and (".attn." in fqn or ".mlp." in fqn)
+
+
+def fp8_training(model):
+    from torchao.float8 import convert_to_float8_training  # optional dependency
+    return convert_to_float8_training(model, module_filter_fn=in_blocks)
+
+
+def fp8_inference(model):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    # set_inductor_config=False: keep inductor's default settings (its recommended ones add
+    # coordinate-descent tuning, minutes of compile time for XL).
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
+              filter_fn=in_blocks)
+    return model
+
+
+def compiled_optimizer_phase(args, model, ema):
+    """The lever 'one compiled optimizer phase': clip + AdamW + EMA in one torch.compile'd
+    function over foreach AdamW (inductor writes its own fused kernels for the foreach ops).
+    Returns the optimizer and a drop-in replacement for train.optimizer_step."""
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                            weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, foreach=True)
+
+    @torch.compile
+    def phase():
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm, foreach=True)
+        opt.step()
+        torch._foreach_lerp_(ema_params, params, 1 - args.ema_decay)
+        return norm
+
+    def optimizer_step(model, ema, opt_, scaler, max_grad_norm, ema_decay):
+        norm = phase()
+        opt.zero_grad(set_to_none=True)
+        return norm.float()
+
+    return opt, optimizer_step
 
 
 def bench_train(a, dev):
     args = train.get_args(["--data-path", "unused", "--model", a.model, "--global-batch-size", str(a.batch),
                            "--precision", a.precision])
     encoder = load_encoder(args.enc_type, resolution=IMAGENET.resolution, weights=None).to(dev).eval()
-    model, _ = train.build_model(args, IMAGENET, encoder.z_dim if hasattr(encoder, "z_dim") else 768)
+    # Weights as at initialisation (adaLN-Zero), as the official side's bench_official.py has them.
+    model, _ = train.build_model(args, IMAGENET, encoder.z_dim)
     model = model.to(dev).train()
-    ema, _ = train.build_model(args, IMAGENET, encoder.z_dim if hasattr(encoder, "z_dim") else 768)
-    ema = ema.to(dev).requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
+    ema = copy.deepcopy(model).requires_grad_(False)
+    if a.fp8:
+        model = fp8_training(model)
     opt, scaler = train.build_optimizer(args, model)
+    if a.opt_phase == "compiled":
+        opt, train.optimizer_step = compiled_optimizer_phase(args, model, ema)
     net = torch.compile(model) if a.compile else model
     enc = torch.compile(encoder) if a.compile else encoder
     B = a.batch
@@ -51,35 +104,86 @@ def bench_train(a, dev):
     step = lambda: train.train_step(batch, net=net, encoder=enc, model=model, ema=ema, opt=opt, scaler=scaler,
                                     args=args, scaling_factor=IMAGENET.scaling_factor)
     torch.cuda.reset_peak_memory_stats()
-    s = timed(step, a.steps, warm=5)
+    t0 = time.time()
+    step()
+    torch.cuda.synchronize()
+    first = time.time() - t0  # compilation, mostly
+    s, metrics = timed(step, a.steps, warm=5)
     print(json.dumps(dict(side="ours", what="train", model=a.model, batch=B, precision=a.precision,
-                          compile=a.compile, img_per_s=round(B / s, 1), ms_per_step=round(1e3 * s, 1),
+                          compile=a.compile, opt_phase=a.opt_phase, fp8=a.fp8, img_per_s=round(B / s, 1),
+                          ms_per_step=round(1e3 * s, 1), first_step_s=round(first, 1),
+                          loss=round(metrics["loss"].item(), 4),
                           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
+
+
+def random_sampling_model(targs, dev):
+    model, _ = train.build_model(targs, IMAGENET, 768)
+    with torch.no_grad():  # adaLN-Zero: zero layers would make every velocity exactly 0, and the
+        for p in model.parameters():  # comparison with fp32 trivial
+            if not p.any():
+                p.normal_(0, 0.02)
+    return model.to(dev).eval()
+
+
+def guided_steps(args):
+    """(plain, guided) model evaluations of sample_sde's time grid under args' guidance interval."""
+    times = torch.linspace(1.0, 0.04, args.num_steps, dtype=torch.float64).tolist()
+    guided = sum(args.guidance_low <= t <= args.guidance_high for t in times) if args.cfg_scale > 1 else 0
+    return args.num_steps - guided, guided
 
 
 def bench_sample(a, dev):
-    args = sample.get_args(["--model", a.model, "--mode", "sde", "--num-steps", str(a.steps), "--cfg-scale", "2.3",
-                            "--cls-cfg-scale", "2.3", "--guidance-high", "0.85", "--precision", a.precision])
+    def sampler_args(steps, precision):  # what sample.py's flags give sample_latents
+        return argparse.Namespace(mode="sde", num_steps=steps, heun=False, cfg_scale=2.3, cls_cfg_scale=2.3,
+                                  guidance_low=0.0, guidance_high=0.85, path_type="linear", seed=0,
+                                  precision=precision)
+    args = sampler_args(a.steps, "bf16")
     targs = train.get_args(["--data-path", "unused", "--model", a.model])
-    model, _ = train.build_model(targs, IMAGENET, 768)
-    model = model.to(dev).eval()
+    model = random_sampling_model(targs, dev)
     x, cls, y = sample.noise_and_labels(range(a.batch), model, args, dev)
-    net = torch.compile(model, dynamic=False) if a.compile else model
-    run = lambda m, ar: sample.sample_latents(m, x, cls, y, ar, generator=torch.Generator(dev).manual_seed(0))
-    torch.cuda.reset_peak_memory_stats()
+
+    def run(m, ar):
+        return sample.sample_latents(m, x, cls, y, ar,
+                                     generator=torch.Generator(dev).manual_seed(0)).float()
+
     with torch.no_grad():
-        s = timed(lambda: run(net, args), 2, 1)
-        out = run(net, args).float()
         # Strict fp32 reference: no autocast, no TF32, eager; the TF32 switch is restored after.
-        tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        ref = run(model, argparse.Namespace(**{**vars(args), "precision": "fp32"})).float()
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-    rel = ((out - ref).norm() / ref.norm()).item()
-    print(json.dumps(dict(side="ours", what="sample", model=a.model, batch=a.batch, steps=a.steps,
-                          precision=a.precision, compile=a.compile, img_per_s=round(a.batch / s, 2),
-                          s_per_batch=round(s, 2), rel_l2_vs_fp32=float(f"{rel:.2e}"),
-                          peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
+        ref = run(model, sampler_args(a.steps, "fp32"))
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        for variant in a.variants:
+            torch.cuda.reset_peak_memory_stats()
+            # autocast: the product's default, fp32 weights under bf16 autocast. fp8: bf16 weights
+            # with fp8 GEMMs in the blocks, under the same autocast and fp32 inputs.
+            m = model if variant == "autocast" else fp8_inference(model)
+            net = torch.compile(m, dynamic=False) if a.compile else m  # two static graphs, as sample.py
+            t0 = time.time()
+            run(net, args)
+            first = time.time() - t0
+            s, out = timed(lambda: run(net, args), a.runs, 0)
+            rel = ((out - ref).norm() / ref.norm()).item()
+            # Launch overhead check: the sampler's time against its model evaluations alone.
+            forward = {}
+            for n in (a.batch, 2 * a.batch):
+                xi, ci = x.repeat(n // a.batch, 1, 1, 1), cls.repeat(n // a.batch, 1)
+                yi, ti = y.repeat(n // a.batch), torch.full((n,), 0.5, device=dev)
+                with torch.autocast("cuda", torch.bfloat16):
+                    forward[n] = timed(lambda: net(xi, ti, yi, ci), 5, 2)[0]
+            plain, guided = guided_steps(args)
+            model_s = plain * forward[a.batch] + guided * forward[2 * a.batch]
+            row = dict(side="ours", what="sample", variant=variant, model=a.model, batch=a.batch, steps=a.steps,
+                       compile=a.compile, img_per_s=round(a.batch / s, 2), s_per_batch=round(s, 2),
+                       first_run_s=round(first, 1), rel_l2_vs_fp32=float(f"{rel:.2e}"),
+                       forward_ms={n: round(1e3 * f, 1) for n, f in forward.items()},
+                       model_evals_s=round(model_s, 2), outside_model_s=round(s - model_s, 2),
+                       peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))
+            if a.long_steps:  # one batch of the paper's protocol (SDE 250 steps), for the 50K estimate
+                long_s, _ = timed(lambda: run(net, sampler_args(a.long_steps, "bf16")), 1, 0)
+                row.update(long_steps=a.long_steps, long_s_per_batch=round(long_s, 2),
+                           long_hours_per_50k=round(50_000 / a.batch * long_s / 3600, 2))
+            print(json.dumps(row), flush=True)
+            del net, m
+            torch._dynamo.reset()
 
 
 def main():
@@ -87,9 +191,14 @@ def main():
     p.add_argument("what", choices=["train", "sample"])
     p.add_argument("--model", default="SiT-XL/2")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=30, help="train: timed steps; sample: SDE steps")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--steps", type=int, default=20, help="train: timed steps; sample: SDE steps")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="train")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--opt-phase", default="eager", choices=["eager", "compiled"], help="train: see above")
+    p.add_argument("--fp8", action="store_true", help="train: torchao float8 training of the blocks")
+    p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "fp8"], help="sample")
+    p.add_argument("--runs", type=int, default=2, help="sample: timed runs after one warm-up run")
+    p.add_argument("--long-steps", type=int, default=0, help="sample: also time one batch of this many steps")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py --tf32
     dev = torch.device("cuda")

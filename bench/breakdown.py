@@ -1,9 +1,9 @@
 """Where the time goes: component timings and the PyTorch profiler's kernel table for SiT-XL/2
 (random weights, one GPU). The numbers behind BENCHMARKS.md's breakdowns.
 
-    python bench/profile.py train     # DINOv2 forward, SiT forward+backward, clip, AdamW, EMA at batch 32
-    python bench/profile.py sample    # one SiT forward at batch 128 and 256 (autocast and bf16 weights)
-    python bench/profile.py attention # scaled_dot_product_attention backends at our shapes
+    python bench/breakdown.py train     # DINOv2 forward, SiT forward+backward, clip, AdamW, EMA at batch 32
+    python bench/breakdown.py sample    # one SiT forward at batch 128 and 256 (autocast and bf16 weights)
+    python bench/breakdown.py attention # scaled_dot_product_attention backends at our shapes
 """
 import copy
 import sys
