@@ -496,10 +496,10 @@ class Evaluation:
 
     def features(self, ema):
         """This process's share of the samples -> their Inception features (evaluate.features' dict)."""
-        rank, world = self.processes.rank, self.processes.world_size
+        rank, world_size = self.processes.rank, self.processes.world_size
         batches = -(-self.args.eval_samples // self.args.eval_batch_size)
         parts = [evaluate.features(self.net, self.images(ema, k), progress=False)
-                 for k in range(batches * rank // world, batches * (rank + 1) // world)]
+                 for k in range(batches * rank // world_size, batches * (rank + 1) // world_size)]
         if not parts:  # more processes than batches: this one contributes no rows
             size = self.dataset.resolution
             parts = [evaluate.features(self.net, np.zeros((0, size, size, 3), np.uint8), progress=False)]
