@@ -7,6 +7,7 @@ The network is the FID Inception-v3 (the TensorFlow graph of 2015-12-05 that ADM
 every published ImageNet FID use), written out here and loaded strictly from the weights file that
 pytorch-fid publishes. Features are fp32 with TF32 off; the metric math is float64 numpy.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -180,6 +181,10 @@ class InceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)  # 1008 classes; ADM uses only the weight (softmax/logits/MatMul)
 
     def forward(self, images):
+        with strict_fp32(images.device.type):
+            return self._forward(images)
+
+    def _forward(self, images):
         x = images.permute(0, 3, 1, 2).float()  # (N, 3, H, W) in [0, 255]
         x = (resize_tf1(x) - 128) / 128  # (N, 3, 299, 299)
         x = x.contiguous(memory_format=torch.channels_last)
@@ -194,6 +199,19 @@ class InceptionV3(nn.Module):
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
         pool = x.mean((2, 3))  # pool_3 (N, 2048)
         return pool, spatial, pool @ self.fc.weight.T
+
+
+@contextlib.contextmanager
+def strict_fp32(device_type):
+    """fp32 arithmetic: no autocast and no TF32 in matmuls or convolutions (PyTorch lets cuDNN use
+    TF32 by default, and FID moves with it); the caller's settings are restored afterwards."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def sha256(path):
@@ -231,25 +249,20 @@ def load_inception(path, device="cpu"):
 def features(net, images, batch_size=100, progress=True):
     """Features of uint8 (N, H, W, 3) images (numpy, memmap or tensor: this process's share) on net's device.
 
-    Returns dict(pool=(N, 2048), spatial=(N, 2023), logits=(N, 1008)) float32 numpy. TF32 is off
-    meanwhile (FID is sensitive to it) and the caller's setting is restored afterwards.
+    Returns dict(pool=(N, 2048), spatial=(N, 2023), logits=(N, 1008)) float32 numpy (the network
+    computes in strict fp32 whatever the caller's TF32 and autocast settings).
     """
     check_images(images)
     device = next(net.parameters()).device
     out = {"pool": [], "spatial": [], "logits": []}
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="inception", unit="batch"):
-                batch = torch.from_numpy(np.array(images[i:i + batch_size]))  # a writable copy of one batch
-                if device.type == "cuda":
-                    batch = batch.pin_memory()
-                pool, spatial, logits = net(batch.to(device, non_blocking=True))
-                for k, v in zip(out, (pool, spatial, logits)):
-                    out[k].append(v.float().cpu().numpy())
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), batch_size), disable=not progress, desc="inception", unit="batch"):
+            batch = torch.from_numpy(np.array(images[i:i + batch_size]))  # a writable copy of one batch
+            if device.type == "cuda":
+                batch = batch.pin_memory()
+            pool, spatial, logits = net(batch.to(device, non_blocking=True))
+            for k, v in zip(out, (pool, spatial, logits)):
+                out[k].append(v.float().cpu().numpy())
     return {k: np.concatenate(v) if v else np.zeros((0, d), np.float32) for (k, v), d in zip(out.items(), (2048, 2023, 1008))}
 
 

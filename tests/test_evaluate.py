@@ -572,3 +572,23 @@ def test_two_processes_give_the_features_of_one_in_the_same_order(tmp_path):
     with np.load(tmp_path / "two.npz") as two:
         for k in one:
             assert np.allclose(two[k], one[k], rtol=1e-6, atol=1e-6), k
+
+
+def test_the_network_computes_in_fp32_under_autocast_and_restores_tf32_settings(net):
+    images = torch.randint(0, 256, (1, 64, 64, 3), dtype=torch.uint8)
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    seen = []
+    hook = net.Conv2d_1a_3x3.register_forward_pre_hook(
+        lambda m, i: seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # a caller's TF32
+        with torch.no_grad():
+            plain = net(images)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                autocast = net(images)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # restored
+    finally:
+        hook.remove()
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    assert seen == [(False, False), (False, False)]  # off while the network runs
+    assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(autocast, plain))
