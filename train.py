@@ -303,12 +303,14 @@ def all_mean(values, world_size):
 
 # ----------------------------------------------------------------------------- plots
 
-def smooth(values, weight=0.9):
-    """Exponential moving average, as TensorBoard smooths its curves."""
-    out, avg = [], values[0]
-    for v in values:
+def smooth(values):
+    """Debiased exponential moving average, as TensorBoard smooths, over about 2 % of the points, so
+    the smoothed line lags the raw one by little however long the run (short runs stay raw)."""
+    weight = 1 - 1 / max(1.0, len(values) / 50)
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
         avg = weight * avg + (1 - weight) * v
-        out.append(avg)
+        out.append(avg / (1 - weight ** i))  # the debiasing: the average does not start at 0
     return out
 
 
@@ -322,9 +324,9 @@ def nice_ticks(lo, hi, count=5):
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def plot_curves(rows, keys, path, smoothing=0.9, width=720, panel_height=170):
+def plot_curves(rows, keys, path, smoothing=True, width=720, panel_height=170):
     """One panel per key, each on its own scale, against the step: raw values light, smoothed dark;
-    with smoothing 0 (sparse points, e.g. evaluations) one dark line with a dot per point.
+    without smoothing (sparse points, e.g. evaluations) one dark line with a dot per point.
 
     Drawn with PIL, so no plotting library is needed. rows: dicts with "step" and some of `keys`.
     """
@@ -357,7 +359,7 @@ def plot_curves(rows, keys, path, smoothing=0.9, width=720, panel_height=170):
         draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
         if smoothing:
             draw.line([px(x, y) for x, y in points], fill=(160, 190, 230), width=1)
-            draw.line([px(x, y) for x, y in zip(xs, smooth(ys, smoothing))], fill=(31, 80, 180), width=2)
+            draw.line([px(x, y) for x, y in zip(xs, smooth(ys))], fill=(31, 80, 180), width=2)
         else:
             draw.line([px(x, y) for x, y in points], fill=(31, 80, 180), width=2)
             for u, v in map(px, xs, ys):
@@ -531,7 +533,7 @@ class Evaluation:
             return
         log.record(dict(step=step, **{name: numbers[key] for key, name in self.names.items()},
                         eval_seconds=time.time() - start))
-        plot_curves(log.rows, self.names.values(), self.plot, smoothing=0)
+        plot_curves(log.rows, self.names.values(), self.plot, smoothing=False)
 
 
 def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
