@@ -197,3 +197,26 @@ def sample_ode(model, x, y, cls=None, *, steps=50, method="heun", cfg_scale=1.0,
             cls_next = None if cls is None else cls + 0.5 * (v_cls + v2_cls) * dt
         x, cls = x_next, cls_next
     return x.to(dtype), None if cls is None else cls.to(dtype)
+
+
+def start_noise(indices, seed, latent_shape, z_dim=None, num_classes=1000):
+    """Start noise and labels of the samples with these global indices (the FID sets of sample.py
+    and train.py): x (N, *latent_shape), the class token's cls (N, z_dim) or None, and y (N,) =
+    index mod num_classes. A sample's noise comes from a generator seeded by (seed, index) alone,
+    so any split of the indices over processes or batches gives the same samples, and
+    num_classes * k samples hold each class k times. Seeds are even; sde_generator's are odd."""
+    gens = [torch.Generator().manual_seed(_seed(seed, i, 0)) for i in indices]
+    x = torch.stack([torch.randn(latent_shape, generator=g) for g in gens])
+    cls = torch.stack([torch.randn(z_dim, generator=g) for g in gens]) if z_dim else None
+    return x, cls, torch.tensor([i % num_classes for i in indices])
+
+
+def sde_generator(seed, batch, device):
+    """The generator of the SDE noise of batch `batch` of a FID set: an odd seed, never a sample's."""
+    return torch.Generator(device).manual_seed(_seed(seed, batch, 1))
+
+
+def _seed(seed, n, parity):
+    # The CPU generator keeps only 32 bits of its seed, so the (seed, n) pairs are folded into 32
+    # bits: distinct for every n below 10M, and across seeds for the first 200 seeds.
+    return ((seed * 10_000_019 + n) * 2 + parity) % 2**32

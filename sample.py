@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import evaluate
 from encoder import load_vae
-from flow import sample_ode, sample_sde
+from flow import sample_ode, sample_sde, sde_generator, start_noise
 from model import SiT_models, load_weights, read_checkpoint
 from util import ArgumentParser, UserError, barrier, cleanup_processes, run, save_grid, setup_processes, to_uint8
 
@@ -151,18 +151,12 @@ def build_model(ckpt, args):
 
 
 def noise_and_labels(indices, model, args, device):
-    """Start noise (x, cls) and labels of the samples with these global indices. The noise depends
-    only on (seed, index) and the label is index mod num_classes, so any split over processes or
-    batches gives the same samples, and num_classes * k samples hold each class k times."""
-    xs, clss = [], []
+    """flow.start_noise of the samples with these global indices, in this model's shapes, on device:
+    x (N, C, h, w), cls (N, z_dim) or None, labels (N,)."""
     size = model.grid_size * model.patch_size
-    for i in indices:
-        g = torch.Generator().manual_seed(args.seed * 10_000_019 + i)
-        xs.append(torch.randn(model.in_channels, size, size, generator=g))  # (C, h, w)
-        clss.append(torch.randn(model.z_dim, generator=g) if model.cls_token else None)
-    cls = torch.stack(clss).to(device) if model.cls_token else None  # (N, z_dim)
-    y = torch.tensor([i % model.num_classes for i in indices], device=device)  # (N,)
-    return torch.stack(xs).to(device), cls, y
+    x, cls, y = start_noise(indices, args.seed, (model.in_channels, size, size),
+                            model.z_dim if model.cls_token else None, model.num_classes)
+    return x.to(device), None if cls is None else cls.to(device), y.to(device)
 
 
 def sample_latents(model, x, cls, y, args, generator=None):
@@ -278,8 +272,7 @@ def sample_npz(run_model, model, vae, scale, args, processes):
     for b in mine:
         indices = range(b * batch, min((b + 1) * batch, args.num_samples))
         x, cls, y = noise_and_labels(indices, model, args, device)
-        generator = torch.Generator(device).manual_seed(args.seed * 10_000_019 + b)  # SDE noise of batch b
-        images = generate(run_model, vae, scale, x, cls, y, args, generator)  # (n, 3, H, W)
+        images = generate(run_model, vae, scale, x, cls, y, args, sde_generator(args.seed, b, device))  # (n, 3, H, W)
         with open(f"{parts[b]}.tmp", "wb") as f:  # atomic: a killed run leaves no half part
             np.savez(f, images=images.permute(0, 2, 3, 1).cpu().numpy(), labels=y.cpu().numpy())  # (n, H, W, 3)
         os.replace(f"{parts[b]}.tmp", parts[b])

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 from data import BuiltinShapes, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
-from flow import sample_sde, training_loss
+from flow import sample_sde, sde_generator, start_noise, training_loss
 from model import SiT_models, read_checkpoint
 from util import ArgumentParser, UserError, cleanup_processes, run, save_grid, setup_processes, to_uint8
 
@@ -456,16 +456,13 @@ class Evaluation:
     Euler-Maruyama, --eval-steps steps, CFG 1. All processes sample; rank 0 computes the metrics,
     logs them as e.g. fid10k (the 10k from --eval-samples) and draws fid.png.
 
-    Sample i's start noise comes from (--seed, i) and its label is i mod num_classes (every class
-    equally often); batch k's SDE noise from (--seed, k). Each process takes a contiguous run of
+    Sample i's start noise and label come from flow.start_noise (seed and index alone; the label is
+    i mod num_classes, every class equally often), batch k's SDE noise from flow.sde_generator. Each process takes a contiguous run of
     batches, so the samples and their order do not depend on the number of processes.
     """
 
     def __init__(self, args, dataset, z_dim, vae, processes, run_dir):
-        try:
-            self.net = evaluate.load_inception(args.inception, processes.device)
-        except UserError as e:  # its message may quote torch's, several lines long: keep `error: ...` one line
-            raise UserError(" ".join(str(e).split())) from None
+        self.net = evaluate.load_inception(args.inception, processes.device)
         self.ref = evaluate.reference_statistics(args.eval_ref, self.net)  # cached beside the file
         n = args.eval_samples
         tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
@@ -474,25 +471,18 @@ class Evaluation:
         self.plot = os.path.join(run_dir, "fid.png")
         self.args, self.dataset, self.z_dim, self.vae, self.processes = args, dataset, z_dim, vae, processes
 
-    def start_noise(self, indices, cls_token):
-        """(x (n, C, h, w), cls (n, z_dim) or None, labels (n,)) of the samples with these indices."""
-        d, seed = self.dataset, self.args.seed
-        size = d.resolution // d.downsample
-        gens = [torch.Generator().manual_seed((seed * 2**32 + i) * 2) for i in indices]
-        x = torch.stack([torch.randn(d.latent_channels, size, size, generator=g) for g in gens])
-        cls = torch.stack([torch.randn(self.z_dim, generator=g) for g in gens]) if cls_token else None
-        return x, cls, torch.tensor([i % d.num_classes for i in indices])
-
     def images(self, ema, k):
         """Batch k of the samples as uint8 (n, H, W, 3), decoded from latent / scaling_factor."""
         args, device = self.args, self.processes.device
         indices = range(k * args.eval_batch_size, min((k + 1) * args.eval_batch_size, args.eval_samples))
-        x, cls, y = (None if t is None else t.to(device) for t in self.start_noise(indices, ema.cls_token))
+        d = self.dataset
+        size = d.resolution // d.downsample
+        x, cls, y = (None if t is None else t.to(device) for t in start_noise(
+            indices, args.seed, (d.latent_channels, size, size), self.z_dim if ema.cls_token else None, d.num_classes))
         dtype = amp_dtype(args.precision, device)
-        generator = torch.Generator(device).manual_seed((args.seed * 2**32 + k) * 2 + 1)  # odd: not a sample's seed
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            z, _ = sample_sde(ema, x, y, cls, steps=args.eval_steps, cfg_scale=1.0, null_label=self.dataset.num_classes,
-                              path=args.path_type, generator=generator)
+            z, _ = sample_sde(ema, x, y, cls, steps=args.eval_steps, cfg_scale=1.0, null_label=d.num_classes,
+                              path=args.path_type, generator=sde_generator(args.seed, k, device))
         images = to_uint8(self.vae.decode(z.float() / self.dataset.scaling_factor).float())  # (n, 3, H, W)
         return images.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -579,3 +579,16 @@ def test_unknown_ode_method_raises():
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="method"):
         sample_ode(lambda *a: (x, None, None), x, torch.zeros(1, dtype=torch.long), method="rk4")
+
+
+def test_start_noise_depends_on_seed_and_index_and_never_shares_a_stream_with_the_sde_noise():
+    from flow import sde_generator, start_noise
+    x, cls, y = start_noise(range(6), seed=3, latent_shape=(2, 4, 4), z_dim=5, num_classes=4)
+    x2, cls2, y2 = start_noise(range(4, 6), seed=3, latent_shape=(2, 4, 4), z_dim=5, num_classes=4)
+    assert torch.equal(x[4:], x2) and torch.equal(cls[4:], cls2) and y.tolist() == [0, 1, 2, 3, 0, 1]
+    assert not torch.equal(start_noise(range(6), 4, (2, 4, 4), 5, 4)[0], x)  # another seed, other noise
+    # Batch b's SDE noise stream is not sample b's start noise (odd against even seeds).
+    for b in range(3):
+        sde = torch.randn(2, 4, 4, generator=sde_generator(3, b, "cpu"))
+        assert not torch.allclose(sde, start_noise([b], 3, (2, 4, 4))[0][0])
+    assert start_noise([0, 1], 0, (2, 4, 4))[1] is None
