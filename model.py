@@ -319,9 +319,10 @@ def read_checkpoint(path):
     return ckpt
 
 
-def load_weights(path, prefer_ema=True):
-    """The model state dict of a checkpoint file: its EMA weights by default (used for sampling)."""
-    ckpt = read_checkpoint(path)
+def load_weights(ckpt, prefer_ema=True):
+    """The model state dict of a checkpoint (a file's path, or what read_checkpoint returned): its
+    EMA weights by default (used for sampling)."""
+    ckpt = read_checkpoint(ckpt) if isinstance(ckpt, (str, os.PathLike)) else ckpt
     state = next((ckpt[k] for k in (("ema", "model") if prefer_ema else ("model", "ema")) if k in ckpt), ckpt)
     # Weights saved from a DDP-wrapped or torch.compile'd model carry these prefixes.
     for prefix in ("module.", "_orig_mod."):

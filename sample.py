@@ -141,7 +141,7 @@ def build_model(ckpt, args):
     name, vae, scale = config.pop("model"), config.pop("vae"), config.pop("scaling_factor")
     model = SiT_models[name](**config)
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
-        model.load_state_dict(load_weights(args.ckpt, prefer_ema=args.ema))
+        model.load_state_dict(load_weights(ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
         # torch's message: a title, then one line per difference; the first difference says enough.
         first = str(e).splitlines()[1].strip().rstrip(".")[:200]
