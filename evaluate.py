@@ -340,6 +340,8 @@ def shard(n):
 
 def npz_features(path, net, batch_size=100):
     """Features of an .npz's images on every rank, cached beside it by size, mtime and the weights' hash."""
+    if not os.path.isfile(path):
+        raise util.UserError(f"no file at {path}; give an .npz with arr_0 uint8 (N, H, W, 3)")
     st = os.stat(path)
     key = getattr(net, "weights_hash", None)
     cache = f"{path}.features-{st.st_size}-{st.st_mtime_ns}-{key}.npz" if key else None

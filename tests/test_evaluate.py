@@ -592,3 +592,8 @@ def test_the_network_computes_in_fp32_under_autocast_and_restores_tf32_settings(
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     assert seen == [(False, False), (False, False)]  # off while the network runs
     assert all(a.dtype == torch.float32 and torch.equal(a, b) for a, b in zip(autocast, plain))
+
+
+def test_a_missing_npz_is_a_user_error_not_a_traceback(tmp_path):
+    with pytest.raises(util.UserError, match="no file at"):
+        evaluate.npz_features(str(tmp_path / "missing.npz"), StubInception())
