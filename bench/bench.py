@@ -9,9 +9,10 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
 Levers measured here and not (yet) in the product, each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
-  train --fp8                  torchao float8 training (tensorwise) of the blocks' Linears
-  sample --variants autocast fp8   fp8: bf16 weights, torchao float8 (per-row) in the blocks' Linears
-torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variant.
+  sample --variants autocast fp8 fp8-tensor   bf16 weights, torchao float8 inference in the blocks'
+                               Linears, per-row or per-tensor scales
+and one in the product: train --fp8 is train.py --fp8 (torchao float8 training of the blocks).
+torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variants.
 Prints one JSON line per measurement.
 """
 import argparse, copy, json, os, sys, time
@@ -39,24 +40,16 @@ def timed(fn, n, warm):
     return (time.time() - t0) / n, out
 
 
-def in_blocks(module, fqn):
-    # The transformer blocks' qkv / proj / fc1 / fc2 hold nearly all GEMM FLOPs; the adaLN,
-    # embedding and output Linears see only N rows (or N*T rows of width 16) and stay bf16.
-    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and (".attn." in fqn or ".mlp." in fqn)
-
-
-def fp8_training(model):
-    from torchao.float8 import convert_to_float8_training  # optional dependency
-    return convert_to_float8_training(model, module_filter_fn=in_blocks)
-
-
-def fp8_inference(model):
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+def fp8_inference(model, variant):
+    """bf16 weights; the blocks' Linears (train.in_blocks) quantised by torchao: per-row scales
+    ("fp8") or one scale per tensor ("fp8-tensor") for both the weight and each activation."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     model = copy.deepcopy(model).to(torch.bfloat16)
+    granularity = PerRow() if variant == "fp8" else PerTensor()
     # set_inductor_config=False: keep inductor's default settings (its recommended ones add
     # coordinate-descent tuning, minutes of compile time for XL).
-    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False),
-              filter_fn=in_blocks)
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False),
+              filter_fn=train.in_blocks)
     return model
 
 
@@ -92,7 +85,7 @@ def bench_train(a, dev):
     model = model.to(dev).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     if a.fp8:
-        model = fp8_training(model)
+        train.to_float8(model, dev)  # train.py --fp8
     opt, scaler = train.build_optimizer(args, model)
     if a.opt_phase == "compiled":
         opt, train.optimizer_step = compiled_optimizer_phase(args, model, ema)
@@ -155,7 +148,7 @@ def bench_sample(a, dev):
             torch.cuda.reset_peak_memory_stats()
             # autocast: the product's default, fp32 weights under bf16 autocast. fp8: bf16 weights
             # with fp8 GEMMs in the blocks, under the same autocast and fp32 inputs.
-            m = model if variant == "autocast" else fp8_inference(model)
+            m = model if variant == "autocast" else fp8_inference(model, variant)
             net = torch.compile(m, dynamic=False) if a.compile else m  # two static graphs, as sample.py
             t0 = time.time()
             run(net, args)
@@ -196,7 +189,7 @@ def main():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--opt-phase", default="eager", choices=["eager", "compiled"], help="train: see above")
     p.add_argument("--fp8", action="store_true", help="train: torchao float8 training of the blocks")
-    p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "fp8"], help="sample")
+    p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "fp8", "fp8-tensor"], help="sample")
     p.add_argument("--runs", type=int, default=2, help="sample: timed runs after one warm-up run")
     p.add_argument("--long-steps", type=int, default=0, help="sample: also time one batch of this many steps")
     a = p.parse_args()

@@ -3,8 +3,8 @@
 #   train:  the official REG step at batch 32 and 64 timed before and after ours (32, 64)
 #   sample: the official sampler; evaluate.py's time for 50K samples vs 10K reference; our sampler
 #           (bf16 autocast, fp8), each against strict fp32, and SDE 250 steps for the 50K estimate
-#   levers: ours with the compiled optimizer phase, fp8 training, batch 128 (not yet measured:
-#           each XL compile takes ~95 s, so these need a call of their own)
+#   levers: ours with --fp8 at batch 32 and 64 and ours at batch 128, beside the official step
+#   fp8-curves: train.py's loss curves with and without --fp8 (SiT-B/2, built-in data, 2,000 steps)
 # Needs the official release's models/sit.py, loss.py and samplers.py in $REF_DIR (never
 # committed) and bench_official.py at $OFFICIAL; the fp8 rows need torchao. Each mode stops
 # starting runs when its $BUDGET_S seconds (default 570) are spent.
@@ -32,9 +32,19 @@ case "${1:-}" in
     ours sample --batch 128 --steps 50 --variants autocast fp8 --long-steps 250 ;;
   levers)
     off --batch 32 --steps 20
-    ours train --batch 32 --opt-phase compiled
+    ours train --batch 32
     ours train --batch 32 --fp8
-    ours train --batch 128
-    off --batch 32 --steps 20 ;;
-  *) echo "usage: bash bench/bench.sh train|sample|levers"; exit 2 ;;
+    off --batch 32 --steps 20
+    off --batch 64 --steps 20
+    ours train --batch 64 --fp8
+    off --batch 64 --steps 20
+    ours train --batch 128 ;;
+  fp8-curves)  # train.py itself: SiT-B/2 + REG on the built-in data, same seeds, without and with --fp8
+    b2="--model SiT-B/2 --global-batch-size 64 --lr 1e-4 --max-train-steps ${STEPS:-2000} --log-every 10
+        --sample-every 100000 --checkpoint-every 100000 --output-dir runs/fp8-curves"
+    go python3 train.py $b2 --exp-name bf16
+    go python3 train.py $b2 --exp-name fp8 --fp8
+    go python3 bench/curves.py runs/fp8-curves/bf16 runs/fp8-curves/fp8 --labels bf16 fp8 \
+       --out "${PLOT:-assets/fp8_loss.png}" ;;
+  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-curves"; exit 2 ;;
 esac
