@@ -3,7 +3,8 @@
 #   train:  the official REG step at batch 32 and 64 timed before and after ours (32, 64)
 #   sample: the official sampler; evaluate.py's time for 50K samples vs 10K reference; our sampler
 #           (bf16 autocast, fp8), each against strict fp32, and SDE 250 steps for the 50K estimate
-#   levers: ours with --fp8 at batch 32 and 64 and ours at batch 128, beside the official step
+#   levers: ours with --fp8 at batch 32 and 64, at batch 128, and with the compiled optimizer
+#           phase, beside the official step
 #   fp8-sample: our sampler with per-tensor fp8, beside the official sampler and our default
 #   profile: GPU time per step by kind of kernel (bench/kernels.py), ours and official at batch 64
 #   fp8-curves: train.py's loss curves with and without --fp8 (SiT-B/2, built-in data, 2,000 steps)
@@ -40,7 +41,8 @@ case "${1:-}" in
     off --batch 64 --steps 20
     ours train --batch 64 --fp8
     off --batch 64 --steps 20
-    ours train --batch 128 ;;
+    ours train --batch 128
+    ours train --batch 32 --opt-phase compiled ;;  # last: its compile may not finish in the budget
   fp8-sample)  # the sampler with per-tensor fp8 scales, beside the official sampler and our default
     off --sample --sample-batch 128 --sample-steps 50
     ours sample --batch 128 --steps 50 --variants autocast fp8-tensor ;;
