@@ -88,8 +88,6 @@ def get_args(argv=None):
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the SiT and DINOv2 (default %(default)s: on GPU, not on CPU)")
-    p.add_argument("--fp8", action="store_true",
-                   help="FP8 matmuls in the SiT blocks (H100/H200; needs torchao: pip install torchao)")
     p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
     p.add_argument("--num-workers", type=int, default=8, help="data loader workers per process")
     p.add_argument("--log-every", type=int, default=100, help="steps between log lines (metrics.jsonl, loss.png)")
@@ -583,31 +581,9 @@ def build_frozen_outputs(args, dataset, z_dim, processes, run_dir):
     return grid, evaluation
 
 
-def in_blocks(module, name):
-    """The Linears that --fp8 converts: each block's qkv, proj, fc1 and fc2, which hold nearly all
-    of the SiT's FLOPs. The adaLN, embedding and output Linears see N rows, or few columns."""
-    return isinstance(module, torch.nn.Linear) and name.startswith("blocks.") and (".attn." in name or ".mlp." in name)
-
-
-def to_float8(model, device):
-    """--fp8: the three matmuls of each block Linear (forward, and both of its backward) run in FP8
-    with per-tensor scales, by torchao's float8 training; the parameters stay fp32 Parameters of
-    the same names (the optimizer, the EMA and the checkpoints do not change). Measured speed and
-    the loss curves with and without it: BENCHMARKS.md."""
-    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-        raise UserError("--fp8 needs a GPU with FP8 matmuls (H100, H200, L40S, RTX 4090 or newer); drop --fp8")
-    try:
-        from torchao.float8 import convert_to_float8_training  # optional: imported only for --fp8
-    except ImportError:
-        raise UserError("--fp8 needs torchao: pip install torchao (or drop --fp8)") from None
-    return convert_to_float8_training(model, module_filter_fn=in_blocks)
-
-
 def distribute(args, model, encoder, ema, ckpt, processes):
-    """The SiT wrapped for the forward (FP8, DDP over processes, torch.compile on GPU) and the encoder to run."""
+    """The SiT wrapped for the forward (DDP over processes, torch.compile on GPU) and the encoder to run."""
     device = processes.device
-    if args.fp8:
-        to_float8(model, device)  # swaps the block Linears in place; opt's parameters stay the same objects
     net = model
     if processes.world_size > 1:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -9,9 +9,9 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
 Levers measured here and not (yet) in the product, each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
+  train --fp8                  torchao float8 training (per-tensor scales) of the blocks' Linears
   sample --variants autocast fp8 fp8-tensor   bf16 weights, torchao float8 inference in the blocks'
                                Linears, per-row or per-tensor scales
-and one in the product: train --fp8 is train.py --fp8 (torchao float8 training of the blocks).
 torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variants.
 Prints one JSON line per measurement.
 """
@@ -40,8 +40,20 @@ def timed(fn, n, warm):
     return (time.time() - t0) / n, out
 
 
+def in_blocks(module, fqn):
+    # The blocks' qkv / proj / fc1 / fc2 hold nearly all GEMM FLOPs; the adaLN, embedding and
+    # output Linears see only N rows (or few columns) and stay bf16.
+    return isinstance(module, torch.nn.Linear) and fqn.startswith("blocks.") and (".attn." in fqn or ".mlp." in fqn)
+
+
+def fp8_training(model):
+    """torchao float8 training (per-tensor scales) of the blocks' Linears, in place."""
+    from torchao.float8 import convert_to_float8_training  # optional dependency
+    return convert_to_float8_training(model, module_filter_fn=in_blocks)
+
+
 def fp8_inference(model, variant):
-    """bf16 weights; the blocks' Linears (train.in_blocks) quantised by torchao: per-row scales
+    """bf16 weights; the blocks' Linears (in_blocks) quantised by torchao: per-row scales
     ("fp8") or one scale per tensor ("fp8-tensor") for both the weight and each activation."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
     model = copy.deepcopy(model).to(torch.bfloat16)
@@ -49,7 +61,7 @@ def fp8_inference(model, variant):
     # set_inductor_config=False: keep inductor's default settings (its recommended ones add
     # coordinate-descent tuning, minutes of compile time for XL).
     quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=granularity, set_inductor_config=False),
-              filter_fn=train.in_blocks)
+              filter_fn=in_blocks)
     return model
 
 
@@ -85,7 +97,7 @@ def bench_train(a, dev):
     model = model.to(dev).train()
     ema = copy.deepcopy(model).requires_grad_(False)
     if a.fp8:
-        train.to_float8(model, dev)  # train.py --fp8
+        fp8_training(model)
     opt, scaler = train.build_optimizer(args, model)
     if a.opt_phase == "compiled":
         opt, train.optimizer_step = compiled_optimizer_phase(args, model, ema)

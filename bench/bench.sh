@@ -7,7 +7,6 @@
 #           phase, beside the official step
 #   fp8-sample: our sampler with per-tensor fp8, beside the official sampler and our default
 #   profile: GPU time per step by kind of kernel (bench/kernels.py), ours and official at batch 64
-#   fp8-curves: train.py's loss curves with and without --fp8 (SiT-B/2, built-in data, 2,000 steps)
 # Needs the official release's models/sit.py, loss.py and samplers.py in $REF_DIR (never
 # committed) and bench_official.py at $OFFICIAL; the fp8 rows need torchao. Each mode stops
 # starting runs when its $BUDGET_S seconds (default 570) are spent.
@@ -50,12 +49,5 @@ case "${1:-}" in
     go python3 bench/kernels.py --steps 26 bench/bench.py train --batch 64
     go env REF_DIR="${REF_DIR:-official-reg}" python3 bench/kernels.py --steps 30 "${OFFICIAL:-bench_official.py}" \
        --model SiT-XL/2 --batch 64 --steps 20 ;;
-  fp8-curves)  # train.py itself: SiT-B/2 + REG on the built-in data, same seeds, without and with --fp8
-    b2="--model SiT-B/2 --global-batch-size 64 --lr 1e-4 --max-train-steps ${STEPS:-2000} --log-every 10
-        --sample-every 100000 --checkpoint-every 100000 --output-dir runs/fp8-curves"
-    go python3 train.py $b2 --exp-name bf16
-    go python3 train.py $b2 --exp-name fp8 --fp8
-    go python3 bench/curves.py runs/fp8-curves/bf16 runs/fp8-curves/fp8 --labels bf16 fp8 \
-       --out "${PLOT:-assets/fp8_loss.png}" ;;
-  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-sample|profile|fp8-curves"; exit 2 ;;
+  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-sample|profile"; exit 2 ;;
 esac

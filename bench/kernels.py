@@ -7,6 +7,9 @@ EMA, copies, and the rest (elementwise and normalisation). The two sides' steps 
 
 --steps: how many steps the script runs in all (bench.py train: 1 + 5 warm-up + --steps timed;
 bench_official.py: 10 warm-up + --steps), so that totals become milliseconds per step.
+The totals also hold the script's set-up and compilation, spread over the steps: weights copied
+to the GPU (pageable host-to-device copies), and inductor's timing of its Triton kernels (int
+fills that flush the cache, extra elementwise runs). GEMM and attention rows are free of both.
 """
 import argparse, json, re, runpy, sys
 from collections import defaultdict

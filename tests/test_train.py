@@ -9,7 +9,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -327,7 +326,6 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
         "another program's checkpoint": (latest_checkpoint_is("other", lambda p: torch.save({"w": torch.zeros(2)}, p)),
                                          "is not a checkpoint that train.py can resume from"),
         "not a dict": (latest_checkpoint_is("list", lambda p: torch.save([1, 2], p)), "holds a list"),
-        "--fp8 without an FP8 GPU": ([*out, "--fp8"], "--fp8 needs a GPU with FP8 matmuls"),
         "bad Inception file": ([*out, "--eval-every", "2", "--eval-ref", str(tmp_path / "ref.npz"),
                                 "--inception", str(tmp_path / "garbage.pth")], "is not a PyTorch weights file"),
     }
@@ -475,57 +473,6 @@ def test_resuming_with_another_world_size_warns_and_runs(two_ranks, tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "copy" / "runs" / RUN / "checkpoints" / "0000003.pt"))
     assert ckpt["steps"] == 3 and ckpt["world_size"] == 1
     assert [r["step"] for r in metrics(tmp_path / "copy" / "runs" / RUN) if "loss" in r] == [1, 2, 3]
-
-
-# --fp8: torchao is optional and its matmuls need an H100-class GPU, so the wiring is tested with a
-# stand-in converter; the real conversion runs on CPU too, where torchao is installed.
-BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-
-
-def fp8_distribute(monkeypatch, converter, capability=(9, 0)):
-    """train.distribute with --fp8 on a pretend CUDA device of this capability (no compile, one process)."""
-    fake = types.ModuleType("torchao.float8")
-    fake.convert_to_float8_training = converter
-    monkeypatch.setitem(sys.modules, "torchao.float8", fake)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    args = train.get_args(["--model", "SiT-T/2", "--fp8", "--no-compile"])
-    model = train.SiT_models["SiT-T/2"](input_size=32, in_channels=3, num_classes=10, z_dim=192)
-    processes = types.SimpleNamespace(device=torch.device("cuda"), world_size=1)
-    net, _ = train.distribute(args, model, None, None, None, processes)
-    return model, net
-
-
-def test_fp8_hands_the_model_itself_and_a_filter_of_exactly_the_block_linears_to_torchao(monkeypatch):
-    seen = {}
-
-    def converter(module, module_filter_fn):
-        seen["model"] = module
-        seen["names"] = {n for n, m in module.named_modules() if module_filter_fn(m, n)}
-        return module
-    model, net = fp8_distribute(monkeypatch, converter)
-    assert seen["model"] is model and net is model  # converted in place, before DDP and compile
-    assert seen["names"] == {f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in BLOCK_LINEARS}
-
-
-def test_fp8_is_a_one_line_error_on_a_gpu_without_fp8_or_without_torchao(monkeypatch):
-    with pytest.raises(UserError, match="needs a GPU with FP8 matmuls"):
-        fp8_distribute(monkeypatch, lambda m, module_filter_fn: m, capability=(8, 0))  # an A100
-    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # what `import` sees when torchao is absent
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    with pytest.raises(UserError, match="pip install torchao"):
-        train.to_float8(torch.nn.Linear(2, 2), torch.device("cuda"))
-
-
-def test_fp8_with_torchao_keeps_the_parameters_their_names_and_the_optimizer(monkeypatch):
-    pytest.importorskip("torchao.float8", reason="torchao is optional (pip install torchao)")
-    from torchao.float8.float8_linear import Float8Linear
-    model = train.SiT_models["SiT-T/2"](input_size=32, in_channels=3, num_classes=10, z_dim=192)
-    params, keys = list(model.parameters()), list(model.state_dict())
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    train.to_float8(model, torch.device("cuda"))
-    converted = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
-    assert converted == {f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in BLOCK_LINEARS}
-    assert all(a is b for a, b in zip(model.parameters(), params)) and list(model.state_dict()) == keys
 
 
 def test_smoothed_curves_are_debiased_and_lag_little():
