@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 KINDS = [
     ("attention", r"flash|fmha|attention|sdpa|cudnn_generated_fort_native_sdpa"),
     ("GEMM", r"gemm|cutlass|nvjet|xmma|sm90_|sm80_|cublas|matmul|_mm_|splitK"),
-    ("optimizer and EMA", r"multi_tensor|adam|foreach|lerp|l2norm|norm_kernel"),
+    ("optimizer and EMA", r"multi_tensor|adam|foreach|lerp"),
     ("copies and casts", r"memcpy|memset|copy_|CatArrayBatched|to_copy"),
     ("elementwise, normalisation, reductions", r"."),
 ]
