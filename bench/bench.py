@@ -7,11 +7,16 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
 
   python bench/bench.py train --model SiT-XL/2 --batch 32 --steps 20
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
+  python bench/bench.py optim                                  # the optimizer phase alone, XL/2
 Levers measured here and not (yet) in the product, each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
+                               (optim: that function against train.optimizer_step, nothing else)
+  train --compile-mode reduce-overhead   CUDA graphs for the SiT's and DINOv2's compiled graphs
   train --fp8                  torchao float8 training (per-tensor scales) of the blocks' Linears
-  sample --variants autocast fp8 fp8-tensor   bf16 weights, torchao float8 inference in the blocks'
-                               Linears, per-row or per-tensor scales
+  sample --variants autocast autotune fp8 fp8-tensor   autotune: inductor's max-autotune (Triton
+                               GEMM templates tried against cuBLAS, epilogues fused), no CUDA graphs;
+                               fp8: bf16 weights, torchao float8 inference in the blocks' Linears,
+                               per-row or per-tensor scales
 torchao is optional (pip install torchao), imported only for --fp8 / the fp8 variants.
 Prints one JSON line per measurement.
 """
@@ -101,13 +106,17 @@ def bench_train(a, dev):
     opt, scaler = train.build_optimizer(args, model)
     if a.opt_phase == "compiled":
         opt, train.optimizer_step = compiled_optimizer_phase(args, model, ema)
-    net = torch.compile(model) if a.compile else model
-    enc = torch.compile(encoder) if a.compile else encoder
+    net = torch.compile(model, mode=a.compile_mode) if a.compile else model
+    enc = torch.compile(encoder, mode=a.compile_mode) if a.compile else encoder
     B = a.batch
     batch = (torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8, device=dev),
              torch.randn(B, 8, 32, 32, device=dev), torch.randint(0, 1000, (B,), device=dev))
-    step = lambda: train.train_step(batch, net=net, encoder=enc, model=model, ema=ema, opt=opt, scaler=scaler,
-                                    args=args, scaling_factor=IMAGENET.scaling_factor)
+
+    def step():
+        if a.compile_mode == "reduce-overhead":  # a new step: CUDA graph outputs of the last may be reused
+            torch.compiler.cudagraph_mark_step_begin()
+        return train.train_step(batch, net=net, encoder=enc, model=model, ema=ema, opt=opt, scaler=scaler,
+                                args=args, scaling_factor=IMAGENET.scaling_factor)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     step()
@@ -115,7 +124,7 @@ def bench_train(a, dev):
     first = time.time() - t0  # compilation, mostly
     s, metrics = timed(step, a.steps, warm=5)
     print(json.dumps(dict(side="ours", what="train", model=a.model, batch=B, precision=a.precision,
-                          compile=a.compile, opt_phase=a.opt_phase, fp8=a.fp8, img_per_s=round(B / s, 1),
+                          compile=a.compile and (a.compile_mode or "default"), opt_phase=a.opt_phase, fp8=a.fp8, img_per_s=round(B / s, 1),
                           ms_per_step=round(1e3 * s, 1), first_step_s=round(first, 1),
                           loss=round(metrics["loss"].item(), 4),
                           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
@@ -160,8 +169,9 @@ def bench_sample(a, dev):
             torch.cuda.reset_peak_memory_stats()
             # autocast: the product's default, fp32 weights under bf16 autocast. fp8: bf16 weights
             # with fp8 GEMMs in the blocks, under the same autocast and fp32 inputs.
-            m = model if variant == "autocast" else fp8_inference(model, variant)
-            net = torch.compile(m, dynamic=False) if a.compile else m  # two static graphs, as sample.py
+            m = model if variant in ("autocast", "autotune") else fp8_inference(model, variant)
+            mode = "max-autotune-no-cudagraphs" if variant == "autotune" else None
+            net = torch.compile(m, dynamic=False, mode=mode) if a.compile else m  # two static graphs, as sample.py
             t0 = time.time()
             run(net, args)
             first = time.time() - t0
@@ -191,23 +201,52 @@ def bench_sample(a, dev):
             torch._dynamo.reset()
 
 
+def bench_optim(a, dev):
+    """The optimizer phase alone, on the SiT's parameters with random gradients: train.optimizer_step
+    (foreach clipping, fused AdamW, foreach EMA lerp) against compiled_optimizer_phase."""
+    args = train.get_args(["--data-path", "unused", "--model", a.model])
+    model = train.build_model(args, IMAGENET, 768)[0].to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    n = sum(p.numel() for p in model.parameters())
+    for phase in ("eager", "compiled"):
+        opt, scaler = train.build_optimizer(args, model)
+        step = train.optimizer_step
+        if phase == "compiled":
+            opt, step = compiled_optimizer_phase(args, model, ema)
+
+        def run():
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g  # no copy: the gradients stand ready, as after a backward
+            return step(model, ema, opt, scaler, args.max_grad_norm, args.ema_decay)
+        t0 = time.time()
+        run()
+        torch.cuda.synchronize()
+        first = time.time() - t0
+        s, _ = timed(run, a.steps, warm=3)
+        print(json.dumps(dict(side="ours", what="optimizer phase", model=a.model, phase=phase, params=n,
+                              tensors=len(grads), ms_per_step=round(1e3 * s, 2), first_call_s=round(first, 1))),
+              flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["train", "sample"])
+    p.add_argument("what", choices=["train", "sample", "optim"])
     p.add_argument("--model", default="SiT-XL/2")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=20, help="train: timed steps; sample: SDE steps")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"], help="train")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile-mode", default=None, choices=["reduce-overhead"], help="train: see above")
     p.add_argument("--opt-phase", default="eager", choices=["eager", "compiled"], help="train: see above")
     p.add_argument("--fp8", action="store_true", help="train: torchao float8 training of the blocks")
-    p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "fp8", "fp8-tensor"], help="sample")
+    p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "autotune", "fp8", "fp8-tensor"], help="sample")
     p.add_argument("--runs", type=int, default=2, help="sample: timed runs after one warm-up run")
     p.add_argument("--long-steps", type=int, default=0, help="sample: also time one batch of this many steps")
     a = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py --tf32
     dev = torch.device("cuda")
-    (bench_train if a.what == "train" else bench_sample)(a, dev)
+    dict(train=bench_train, sample=bench_sample, optim=bench_optim)[a.what](a, dev)
 
 
 if __name__ == "__main__":

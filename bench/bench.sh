@@ -6,7 +6,12 @@
 #   levers: ours with --fp8 at batch 32 and 64, at batch 128, and with the compiled optimizer
 #           phase, beside the official step
 #   fp8-sample: our sampler with per-tensor fp8, beside the official sampler and our default
-#   profile: GPU time per step by kind of kernel (bench/kernels.py), ours and official at batch 64
+#   profile: GPU time per step by kind of kernel (bench/kernels.py --diff: set-up subtracted), ours
+#           and official at batch $PROFILE_BATCH (default 32)
+#   step-levers: CUDA graphs for the step, and the optimizer phase alone (eager against compiled),
+#           beside the official step and our default
+#   sample-levers: the sampler with max-autotune and per-tensor fp8, beside the official sampler
+#           and our default
 # Needs the official release's models/sit.py, loss.py and samplers.py in $REF_DIR (never
 # committed) and bench_official.py at $OFFICIAL; the fp8 rows need torchao. Each mode stops
 # starting runs when its $BUDGET_S seconds (default 570) are spent.
@@ -45,9 +50,19 @@ case "${1:-}" in
   fp8-sample)  # the sampler with per-tensor fp8 scales, beside the official sampler and our default
     off --sample --sample-batch 128 --sample-steps 50
     ours sample --batch 128 --steps 50 --variants autocast fp8-tensor ;;
-  profile)  # GPU time per step by kind of kernel, both steps at batch 64
-    go python3 bench/kernels.py --steps 26 bench/bench.py train --batch 64
-    go env REF_DIR="${REF_DIR:-official-reg}" python3 bench/kernels.py --steps 30 "${OFFICIAL:-bench_official.py}" \
-       --model SiT-XL/2 --batch 64 --steps 20 ;;
-  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-sample|profile"; exit 2 ;;
+  profile)  # GPU time per step by kind of kernel, both steps: 25 steps minus 5 steps, over 20
+    b=${PROFILE_BATCH:-32}
+    go python3 bench/kernels.py --diff 5 25 bench/bench.py train --batch "$b" --steps {}
+    go env REF_DIR="${REF_DIR:-official-reg}" python3 bench/kernels.py --diff 5 25 "${OFFICIAL:-bench_official.py}" \
+       --model SiT-XL/2 --batch "$b" --steps {} ;;
+  step-levers)
+    off --batch 32 --steps 20
+    ours train --batch 32
+    ours train --batch 32 --compile-mode reduce-overhead
+    off --batch 32 --steps 20
+    ours optim ;;
+  sample-levers)  # slowest compile last
+    off --sample --sample-batch 128 --sample-steps 50
+    ours sample --batch 128 --steps 50 --variants autocast fp8-tensor autotune ;;
+  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-sample|profile|step-levers|sample-levers"; exit 2 ;;
 esac
