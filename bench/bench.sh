@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # BENCHMARKS.md in commands of < 10 minutes each on one H200. Random weights; data on the GPU.
+#   all:    issue 10's table in one command (≈ 8 minutes, estimated from the runs of the other modes):
+#           the official step at batch 32 and 64 before and after ours, the official sampler, ours
 #   train:  the official REG step at batch 32 and 64 timed before and after ours (32, 64)
 #   sample: the official sampler; evaluate.py's time for 50K samples vs 10K reference; our sampler
 #           (bf16 autocast, fp8), each against strict fp32, and SDE 250 steps for the 50K estimate
@@ -15,7 +17,7 @@
 # Needs the official release's models/sit.py, loss.py and samplers.py in $REF_DIR (never
 # committed) and bench_official.py at $OFFICIAL; the fp8 rows need torchao. Each mode stops
 # starting runs when its $BUDGET_S seconds (default 570) are spent.
-#   REF_DIR=official-reg OFFICIAL=bench_official.py bash bench/bench.sh train|sample|levers
+#   REF_DIR=official-reg OFFICIAL=bench_official.py bash bench/bench.sh all
 set -uo pipefail
 cd "$(dirname "$0")/.."
 deadline=$((SECONDS + ${BUDGET_S:-570}))
@@ -29,6 +31,10 @@ go() {
 off() { go env REF_DIR="${REF_DIR:-official-reg}" python3 "${OFFICIAL:-bench_official.py}" --model SiT-XL/2 "$@"; }
 ours() { go python3 bench/bench.py "$@"; }
 case "${1:-}" in
+  all)
+    for b in 32 64; do off --batch $b --steps 20; ours train --batch $b; off --batch $b --steps 20; done
+    off --sample --sample-batch 128 --sample-steps 50
+    ours sample --batch 128 --steps 50 ;;
   train)
     for b in 32 64; do off --batch $b --steps 20; done
     for b in 32 64; do ours train --batch $b; done
@@ -64,5 +70,5 @@ case "${1:-}" in
   sample-levers)  # slowest compile last
     off --sample --sample-batch 128 --sample-steps 50
     ours sample --batch 128 --steps 50 --variants autocast fp8-tensor autotune ;;
-  *) echo "usage: bash bench/bench.sh train|sample|levers|fp8-sample|profile|step-levers|sample-levers"; exit 2 ;;
+  *) echo "usage: bash bench/bench.sh all|train|sample|levers|fp8-sample|profile|step-levers|sample-levers"; exit 2 ;;
 esac
