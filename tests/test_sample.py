@@ -216,6 +216,38 @@ def test_ema_weights_by_default_and_raw_weights_only_when_asked(ema_ckpt, tmp_pa
     assert all(torch.equal(sampled[k], v) for k, v in state[weights].items())
 
 
+class CompileSpy:
+    """Stands in for torch.compile: records each call's keyword arguments, returns the model itself."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        monkeypatch.setattr(torch, "compile", lambda model, **kwargs: self.calls.append(kwargs) or model)
+
+
+@pytest.mark.parametrize("flags, calls", [
+    ([], []), (["--compile"], [dict(dynamic=False)]),
+    (["--num-samples", 4], []), (["--num-samples", 4, "--compile"], [dict(dynamic=False)]),
+], ids=["grid", "grid-compile", "npz", "npz-compile"])
+def test_the_sit_is_compiled_on_cpu_only_when_asked(ckpt, tmp_path, monkeypatch, flags, calls):
+    SamplerSpy(monkeypatch)
+    spy = CompileSpy(monkeypatch)
+    out = tmp_path / ("samples.npz" if "--num-samples" in flags else "grid.png")
+    run_sample("--ckpt", ckpt, "--out", out, "--per-class", 1, "--num-steps", 2, *flags)
+    assert spy.calls == calls
+
+
+@pytest.mark.parametrize("flags, compiled", [
+    (["--num-samples", 50000], True), ([], False),
+    (["--num-samples", 50000, "--no-compile"], False), (["--compile"], True),
+], ids=["npz", "grid", "npz-no-compile", "grid-compile"])
+def test_on_gpu_the_npz_is_sampled_compiled_by_default(ckpt, monkeypatch, flags, compiled):
+    # Static shapes: one graph for the plain batch and one for the guided (doubled) batch.
+    spy = CompileSpy(monkeypatch)
+    model = torch.nn.Linear(1, 1)
+    assert sample.compiled(model, sample.get_args(["--ckpt", str(ckpt), *map(str, flags)]), torch.device("cuda")) is model
+    assert spy.calls == ([dict(dynamic=False)] if compiled else [])
+
+
 OFFICIAL_FLAGS = ["--model", "SiT-T/2", "--resolution", 64, "--encoder-depth", 2]  # 1000 classes, z_dim 768
 
 
