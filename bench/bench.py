@@ -8,7 +8,7 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
   python bench/bench.py train --model SiT-XL/2 --batch 32 --steps 20
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
   python bench/bench.py optim                                  # the optimizer phase alone, XL/2
-Levers measured here and not (yet) in the product, each named by a flag:
+Levers measured here and left out of the product (BENCHMARKS.md says why), each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
                                (optim: that function against train.optimizer_step, nothing else)
   train --compile-mode reduce-overhead   CUDA graphs for the SiT's and DINOv2's compiled graphs
@@ -124,7 +124,8 @@ def bench_train(a, dev):
     first = time.time() - t0  # compilation, mostly
     s, metrics = timed(step, a.steps, warm=5)
     print(json.dumps(dict(side="ours", what="train", model=a.model, batch=B, precision=a.precision,
-                          compile=a.compile and (a.compile_mode or "default"), opt_phase=a.opt_phase, fp8=a.fp8, img_per_s=round(B / s, 1),
+                          compile=a.compile and (a.compile_mode or "default"), opt_phase=a.opt_phase, fp8=a.fp8,
+                          img_per_s=round(B / s, 1),
                           ms_per_step=round(1e3 * s, 1), first_step_s=round(first, 1),
                           loss=round(metrics["loss"].item(), 4),
                           peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1))), flush=True)
