@@ -217,8 +217,8 @@ def settings(args, device):
 def compiled(model, args, device):
     """The SiT as the sampler runs it. Compiling fuses its elementwise kernels; compiled, in bf16, the
     XL/2 sampler runs at 2.7x the release's fp32 one (BENCHMARKS.md; compiling alone was not timed).
-    Its minute of compiling pays back over the thousands of samples of an .npz, not over a grid. Two static
-    graphs (the plain and the guided batch) rather than one dynamic-shape graph."""
+    Its minute of compiling pays back over the thousands of samples of an .npz, not over a grid.
+    Two static graphs (the plain and the guided batch) rather than one dynamic-shape graph."""
     wanted = args.compile if args.compile is not None else device.type == "cuda" and args.num_samples > 0
     return torch.compile(model, dynamic=False) if wanted else model
 

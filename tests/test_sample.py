@@ -244,7 +244,8 @@ def test_on_gpu_the_npz_is_sampled_compiled_by_default(ckpt, monkeypatch, flags,
     # Static shapes: one graph for the plain batch and one for the guided (doubled) batch.
     spy = CompileSpy(monkeypatch)
     model = torch.nn.Linear(1, 1)
-    assert sample.compiled(model, sample.get_args(["--ckpt", str(ckpt), *map(str, flags)]), torch.device("cuda")) is model
+    args = sample.get_args(["--ckpt", str(ckpt), *map(str, flags)])
+    assert sample.compiled(model, args, torch.device("cuda")) is model
     assert spy.calls == ([dict(dynamic=False)] if compiled else [])
 
 
