@@ -516,7 +516,7 @@ def main(argv=None):
     p.add_argument("ref", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("samples", help=".npz of samples with arr_0 uint8 (N, H, W, 3), as sample.py writes")
     p.add_argument("--inception", required=True, help=f"pt_inception-2015-12-05-6726825d.pth from {WEIGHTS_URL}")
-    p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward, per process")
+    p.add_argument("--batch-size", type=util.number(int, 1), default=250, help="images per Inception forward, per process")
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
     p.add_argument("--results", default=None, help="JSON lines file to append to; default: evaluations.jsonl beside the samples")
     args = p.parse_args(argv)

@@ -418,7 +418,7 @@ MISTAKES = {  # flags -> words the message must contain
     "cls-guidance-without-cfg": (["--ckpt", "{ckpt}", "--cfg-scale", 1, "--cls-cfg-scale", 2],
                                  "needs --cfg-scale above 1"),
     "guidance-interval": (["--ckpt", "{ckpt}", "--guidance-low", 0.9, "--guidance-high", 0.5], "guidance interval"),
-    "sde-one-step": (["--ckpt", "{ckpt}", "--num-steps", 1], "--num-steps must be at least 2"),
+    "sde-one-step": (["--ckpt", "{ckpt}", "--num-steps", 1], "argument --num-steps: 1 is out of range for --mode sde"),
     "no-raw-weights": (["--ckpt", "{bare}", "--no-ema"], "holds no raw model weights"),
 }
 
