@@ -95,8 +95,8 @@ def get_args(argv=None):
                 "with --cfg-scale 1 neither the image nor the class token is guided")
     if (args.eval_ref is None) != (args.inception is None):
         p.error("--eval-ref and --inception go together: give both (the reference batch and the Inception weights)")
-    if args.eval_ref is not None and args.num_samples == 0:
-        p.error("--eval-ref evaluates an .npz: give --num-samples (50000 for the paper's FID)")
+    if args.eval_ref is not None and args.num_samples < 4:
+        p.error("--eval-ref evaluates an .npz: give --num-samples, at least 4 for precision/recall (50000 for the paper's FID)")
     if args.classes and args.num_samples:
         p.error("--classes is for the grid; the .npz cycles through every class (drop --classes)")
     return args
@@ -112,6 +112,8 @@ def check_files(args):
                         "(e.g. VIRTUAL_imagenet256_labeled.npz)")
     if args.inception is not None and not os.path.isfile(args.inception):
         raise UserError(f"--inception: no weights file at {args.inception}; download {evaluate.WEIGHTS_URL}")
+    if args.eval_ref is not None:  # the reference batch's layout, from its headers alone
+        evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
 
 
 def check_labels(args, num_classes):

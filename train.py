@@ -110,7 +110,8 @@ def add_eval_args(p):
     g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0: none)")
     g.add_argument("--eval-ref", default=None, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     g.add_argument("--inception", default=None, help=f"FID Inception weights, from {evaluate.WEIGHTS_URL}")
-    g.add_argument("--eval-samples", type=number(int, 1), default=10_000, help="samples per evaluation, over all processes")
+    g.add_argument("--eval-samples", type=number(int, 4), default=10_000,
+                   help="samples per evaluation, over all processes (precision/recall need 4)")
     g.add_argument("--eval-steps", type=number(int, 2), default=250, help="SDE Euler-Maruyama steps of the samples")
     g.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="samples per sampler call, per process")
 
@@ -121,6 +122,11 @@ def check_args(p, args):
     for flag, path in (("--eval-ref", args.eval_ref), ("--inception", args.inception)):
         if args.eval_every and not (path and os.path.isfile(path)):
             p.error(f"--eval-every needs {flag}: {'no file at ' + path if path else 'not given'}")
+    if args.eval_every:
+        try:  # the reference batch's layout, from its headers alone
+            evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
+        except UserError as e:
+            p.error(f"--eval-ref: {e}")
 
 
 # ----------------------------------------------------------------------------- the training step

@@ -533,7 +533,7 @@ def test_nan_features_and_mismatched_sizes_are_refused():
 
 
 def test_command_line_mistake_is_one_line(tmp_path):
-    np.savez(tmp_path / "ref.npz", arr_0=random_images(2))
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(4))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path / "ref.npz"),
                              str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "missing.pth")],
                             capture_output=True, text=True, cwd=ROOT)
