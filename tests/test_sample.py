@@ -345,7 +345,8 @@ def test_npz_is_named_after_the_checkpoint_and_settings(ckpt, tmp_path, monkeypa
 def test_eval_ref_evaluates_the_written_npz_with_the_settings(ckpt, tmp_path, monkeypatch):
     SamplerSpy(monkeypatch)
     ref, inception = tmp_path / "ref.npz", tmp_path / "inception.pth"
-    ref.touch(), inception.touch()  # only their paths matter to the stand-in below
+    np.savez(ref, arr_0=np.zeros((4, 8, 8, 3), np.uint8))  # sample.py reads its layout before sampling
+    inception.touch()  # only its path matters to the stand-in below
     calls = []
 
     def evaluate(ref_path, sample_path, inception_path, **kwargs):
