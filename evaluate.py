@@ -327,7 +327,7 @@ def npz_headers(path):
 
 def check_npz(path, reference=False, sizes=None):
     """Refuse a file that the evaluation could not use, before any network is loaded or feature
-    computed; returns its number of images. arr_0 must be uint8 (N, H, W, 3), and a reference's
+    computed. arr_0 must be uint8 (N, H, W, 3) with N >= 4, and a reference's
     precomputed statistics (ADM's mu, sigma, mu_s, sigma_s), when present, float (d,), (d, d), (d_s,),
     (d_s, d_s), with (d, d_s) = sizes when given (the FID Inception's FEATURE_SIZES). Arrays of
     Python objects are refused: numpy reads them only by unpickling."""
@@ -344,6 +344,9 @@ def check_npz(path, reference=False, sizes=None):
         check_layout(shape, str(dtype))
     except util.UserError as e:
         raise util.UserError(f"{path}: {e}") from None
+    if shape[0] < 4:
+        raise util.UserError(f"{path} holds {shape[0]} images, fewer than 4; precision and recall need 4 "
+                             "(k + 1 neighbours), FID thousands")
     stats = ("mu", "sigma", "mu_s", "sigma_s")
     if reference and all(k in headers for k in stats):
         shapes = {k: headers[k][0] for k in stats}
@@ -353,7 +356,6 @@ def check_npz(path, reference=False, sizes=None):
             found = ", ".join(f"{k} {headers[k][1]} {shapes[k]}" for k in stats)
             raise util.UserError(f"{path} has precomputed statistics {found}, where float {', '.join(str(want[k]) for k in stats)} "
                                  "are needed; give the reference batch as published (or one without them)")
-    return shape[0]
 
 
 def read_images(path):
@@ -542,9 +544,7 @@ def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None,
     and appends one JSON line to `results` (default: evaluations.jsonl beside the samples), with the
     settings in `extra` (e.g. sample.py's sampler flags) added to it."""
     for path, reference in ((ref_path, True), (sample_path, False)):  # in milliseconds, before any work
-        if check_npz(path, reference, FEATURE_SIZES) < 4:
-            raise util.UserError(f"{path} holds fewer than 4 images; precision and recall need 4 (k + 1 neighbours), "
-                                 "FID thousands")
+        check_npz(path, reference, FEATURE_SIZES)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     net = load_inception(inception_path, device)

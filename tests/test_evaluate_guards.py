@@ -37,7 +37,7 @@ SAMPLE_MISTAKES = {  # name: (what the file holds, or None for no file; words of
     "float images": (dict(arr_0=np.zeros((4, 8, 8, 3), np.float32)), "images are float32"),
     "channels first": (dict(arr_0=np.zeros((4, 3, 8, 8), np.uint8)), "channels-first"),
     "one image": (dict(arr_0=np.zeros((8, 8, 3), np.uint8)), "not a batch"),
-    "three images": (dict(arr_0=random_images(3)), "fewer than 4 images"),
+    "three images": (dict(arr_0=random_images(3)), "holds 3 images, fewer than 4"),
 }
 
 

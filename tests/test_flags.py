@@ -162,3 +162,15 @@ def test_a_range_that_depends_on_another_flag_is_one_line_before_any_work(script
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and err.startswith("error: ") and words in err, err
     assert not loaded and not list(tmp_path.iterdir())
+
+
+def test_number_states_its_range_and_refuses_what_is_not_a_finite_number():
+    """Guards util.number's message: the range as written in mathematics, bounds open or closed."""
+    assert util.number(float, 0, below=1).range() == "a float in [0, 1)"
+    assert util.number(float, above=0).range() == "a float in (0, inf)"
+    assert util.number(int, 8, multiple=8).range() == "a multiple of 8 in [8, inf)"
+    assert util.number(int, 0, 9).range() == "an int in [0, 9]"
+    for kind, text in ((float, "nan"), (float, "inf"), (int, "1.5"), (int, "12")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            util.number(kind, 0, multiple=8 if text == "12" else None)(text)
+    assert util.number(float, 0, 1)("1") == 1.0 and util.number(int, 8, multiple=8)("16") == 16
