@@ -36,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm import tqdm
 
-from util import ArgumentParser, UserError, barrier, cleanup_processes, run, setup_processes
+from util import ArgumentParser, UserError, barrier, cleanup_processes, number, run, setup_processes
 
 FORMAT_VERSION = 1
 
@@ -470,25 +470,33 @@ def make_loader(dataset, batch_size, rank, world_size, seed, num_workers, start_
 
 # ----------------------------------------------------------------------------- command line
 
-def main(argv=None):
+def make_parser():
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="center-crop and VAE-encode an ImageNet-style folder")
     p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--dst", required=True, help="output folder (created; rerun to resume)")
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--resolution", type=number(int, 1), default=256, help="image side (a multiple of 8 for the SD-VAE)")
     p.add_argument("--vae", default="sd-vae-ft-ema", help="VAE name for encoder.load_vae, or 'pixels'")
     p.add_argument("--vae-path", default=None, help="local VAE weights (no download is possible offline)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per VAE call, per GPU")
-    p.add_argument("--workers", type=int, default=8, help="decoding processes per GPU")
-    p.add_argument("--chunk-size", type=int, default=1000, help="images per restartable unit of work")
+    p.add_argument("--batch-size", type=number(int, 1), default=64, help="images per VAE call, per GPU")
+    p.add_argument("--workers", type=number(int, 0), default=8, help="decoding processes per GPU")
+    p.add_argument("--chunk-size", type=number(int, 1), default=1000, help="images per restartable unit of work")
     p = commands.add_parser("synthetic", help="random data in the prepared format, for benchmarks")
     p.add_argument("--dst", required=True)
-    p.add_argument("--count", type=int, default=20_000)
-    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--count", type=number(int, 1), default=20_000)
+    p.add_argument("--resolution", type=number(int, 8, multiple=8), default=256)
+    return parser
+
+
+def main(argv=None):
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         return write_synthetic(args.dst, args.count, args.resolution)
+    if args.vae != "pixels" and args.resolution % 8:  # before the VAE is loaded
+        parser.error(f"argument --resolution: {args.resolution} is not a multiple of 8, the SD-VAE's downsampling; "
+                     "give a multiple of 8 (or --vae pixels)")
 
     # Generous timeout: rank 0 lists 1.28M files and creates the arrays while the others wait.
     processes = setup_processes(timeout_minutes=120)

@@ -27,6 +27,7 @@ import util
 
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_SHA256_PREFIX = "6726825d"  # pytorch-fid names the file after its hash
+FEATURE_SIZES = (2048, 2023)  # the pool and spatial features of the FID Inception (FID's and sFID's sizes)
 
 
 # ----------------------------------------------------------------------------- the FID Inception-v3
@@ -263,12 +264,16 @@ def features(net, images, batch_size=100, progress=True):
             pool, spatial, logits = net(batch.to(device, non_blocking=True))
             for k, v in zip(out, (pool, spatial, logits)):
                 out[k].append(v.float().cpu().numpy())
-    return {k: np.concatenate(v) if v else np.zeros((0, d), np.float32) for (k, v), d in zip(out.items(), (2048, 2023, 1008))}
+    return {k: np.concatenate(v) if v else np.zeros((0, d), np.float32) for (k, v), d in zip(out.items(), (*FEATURE_SIZES, 1008))}
 
 
 def check_images(images):
     """Images must be uint8 (N, H, W, 3), as ADM's evaluator and sample.py store them; say how they are not."""
-    shape, dtype = tuple(images.shape), str(images.dtype).replace("torch.", "")
+    check_layout(tuple(images.shape), str(images.dtype).replace("torch.", ""))
+
+
+def check_layout(shape, dtype):
+    """check_images on an array's shape and dtype (a str) alone, e.g. read from an .npy header."""
     if len(shape) != 4:
         raise util.UserError(f"images of shape {shape} are not a batch (N, H, W, 3); arr_0 must be uint8 (N, H, W, 3)")
     if shape[-1] != 3 and shape[1] in (1, 3):
@@ -298,19 +303,66 @@ def gather_features(feats):
     return out
 
 
+def npz_headers(path):
+    """{name: (shape, dtype)} of the arrays in an .npz, from their .npy headers alone: no data is read
+    and nothing is unpickled, so it takes milliseconds whatever the file's size."""
+    if not os.path.isfile(path):
+        raise util.UserError(f"no file at {path}; give an .npz with arr_0 uint8 (N, H, W, 3)")
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if name.endswith(".npy"):
+                    with zf.open(name) as f:
+                        version = np.lib.format.read_magic(f)
+                        if version not in read_header:
+                            raise ValueError(f"{name} has .npy format version {version}")
+                        shape, _, dtype = read_header[version](f)
+                    headers[name[:-4]] = (shape, dtype)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise util.UserError(f"{path} is not an .npz that numpy wrote ({e}); give an .npz with arr_0 uint8 (N, H, W, 3)")
+    return headers
+
+
+def check_npz(path, reference=False, sizes=None):
+    """Refuse a file that the evaluation could not use, before any network is loaded or feature
+    computed. arr_0 must be uint8 (N, H, W, 3) with N >= 4, and a reference's
+    precomputed statistics (ADM's mu, sigma, mu_s, sigma_s), when present, float (d,), (d, d), (d_s,),
+    (d_s, d_s), with (d, d_s) = sizes when given (the FID Inception's FEATURE_SIZES). Arrays of
+    Python objects are refused: numpy reads them only by unpickling."""
+    headers = npz_headers(path)
+    if "arr_0" not in headers:
+        raise util.UserError(f"{path} has no arr_0 (it has {', '.join(headers) or 'nothing'}); "
+                             "give an .npz with arr_0 uint8 (N, H, W, 3)")
+    for name, (shape, dtype) in headers.items():
+        if dtype.hasobject:
+            raise util.UserError(f"{path}: {name} is an array of Python objects (e.g. a list of images saved by "
+                                 "np.savez), which numpy reads only by unpickling; save np.stack(images), uint8 (N, H, W, 3)")
+    shape, dtype = headers["arr_0"]
+    try:
+        check_layout(shape, str(dtype))
+    except util.UserError as e:
+        raise util.UserError(f"{path}: {e}") from None
+    if shape[0] < 4:
+        raise util.UserError(f"{path} holds {shape[0]} images, fewer than 4; precision and recall need 4 "
+                             "(k + 1 neighbours), FID thousands")
+    stats = ("mu", "sigma", "mu_s", "sigma_s")
+    if reference and all(k in headers for k in stats):
+        shapes = {k: headers[k][0] for k in stats}
+        d, d_s = sizes or (shapes["mu"][0] if shapes["mu"] else None, shapes["mu_s"][0] if shapes["mu_s"] else None)
+        want = dict(zip(stats, ((d,), (d, d), (d_s,), (d_s, d_s))))
+        if None in (d, d_s) or any(shapes[k] != want[k] or headers[k][1].kind != "f" for k in stats):
+            found = ", ".join(f"{k} {headers[k][1]} {shapes[k]}" for k in stats)
+            raise util.UserError(f"{path} has precomputed statistics {found}, where float {', '.join(str(want[k]) for k in stats)} "
+                                 "are needed; give the reference batch as published (or one without them)")
+
+
 def read_images(path):
     """arr_0 of an .npz as uint8 (N, H, W, 3): memory-mapped when stored uncompressed (sample.py's
     ZIP_STORED), so 50K images are read batch by batch rather than held twice in memory."""
-    if not os.path.isfile(path):
-        raise util.UserError(f"no file at {path}; give an .npz with arr_0 uint8 (N, H, W, 3)")
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise util.UserError(f"{path} is not an .npz; give an .npz with arr_0 uint8 (N, H, W, 3)")
-    with zf:
-        if "arr_0.npy" not in zf.namelist():
-            names = ", ".join(n[:-4] for n in zf.namelist())
-            raise util.UserError(f"{path} has no arr_0 (it has {names or 'nothing'}); give an .npz with arr_0 uint8 (N, H, W, 3)")
+    check_npz(path)
+    with zipfile.ZipFile(path) as zf:
         info = zf.getinfo("arr_0.npy")
     images = None
     if info.compress_type == zipfile.ZIP_STORED:
@@ -370,6 +422,7 @@ def check_features(name, feats):
 def reference_statistics(ref_path, net, batch_size=100):
     """dict(mu, sigma, mu_s, sigma_s, pool) of a reference batch: ADM's precomputed statistics when the
     file has them (its images then serve only precision/recall), else computed from its images."""
+    check_npz(ref_path, reference=True)
     feats = npz_features(ref_path, net, batch_size)
     check_features(ref_path, feats)
     stats = {"pool": feats["pool"]}
@@ -490,6 +543,8 @@ def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None,
     """The five numbers of an .npz of samples against a reference batch; on rank 0 prints ADM's lines
     and appends one JSON line to `results` (default: evaluations.jsonl beside the samples), with the
     settings in `extra` (e.g. sample.py's sampler flags) added to it."""
+    for path, reference in ((ref_path, True), (sample_path, False)):  # in milliseconds, before any work
+        check_npz(path, reference, FEATURE_SIZES)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     net = load_inception(inception_path, device)
@@ -511,15 +566,19 @@ def evaluate(ref_path, sample_path, inception_path, batch_size=100, device=None,
     return numbers
 
 
-def main(argv=None):
+def make_parser():
     p = util.ArgumentParser(description=__doc__)
     p.add_argument("ref", help="reference batch .npz (e.g. ADM's VIRTUAL_imagenet256_labeled.npz)")
     p.add_argument("samples", help=".npz of samples with arr_0 uint8 (N, H, W, 3), as sample.py writes")
     p.add_argument("--inception", required=True, help=f"pt_inception-2015-12-05-6726825d.pth from {WEIGHTS_URL}")
-    p.add_argument("--batch-size", type=int, default=250, help="images per Inception forward, per process")
+    p.add_argument("--batch-size", type=util.number(int, 1), default=250, help="images per Inception forward, per process")
     p.add_argument("--device", default=None, help="default: this process's GPU, else cpu")
     p.add_argument("--results", default=None, help="JSON lines file to append to; default: evaluations.jsonl beside the samples")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = make_parser().parse_args(argv)
     processes = util.setup_processes()
     try:
         evaluate(args.ref, args.samples, args.inception, args.batch_size, args.device or processes.device, args.results)

@@ -29,7 +29,7 @@ import evaluate
 from encoder import load_vae
 from flow import sample_ode, sample_sde, sde_generator, start_noise
 from model import SiT_models, load_weights, read_checkpoint
-from util import ArgumentParser, UserError, barrier, cleanup_processes, run, save_grid, setup_processes, to_uint8
+from util import ArgumentParser, UserError, barrier, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
 
 def make_parser():
@@ -41,21 +41,21 @@ def make_parser():
                    "samples/<checkpoint>-<settings>")
     g = p.add_argument_group("model, for official checkpoints (ours record their own)")
     g.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
-    g.add_argument("--resolution", type=int, default=256, help="image side")
-    g.add_argument("--num-classes", type=int, default=1000, help="classes (the null label is this number)")
-    g.add_argument("--encoder-depth", type=int, default=8, help="block the projector reads")
-    g.add_argument("--z-dim", type=int, default=768, help="width of the DINOv2 tokens (768 for ViT-B)")
+    g.add_argument("--resolution", type=number(int, 8, multiple=8), default=256, help="image side")
+    g.add_argument("--num-classes", type=number(int, 1), default=1000, help="classes (the null label is this number)")
+    g.add_argument("--encoder-depth", type=number(int, 1), default=8, help="block the projector reads")
+    g.add_argument("--z-dim", type=number(int, 1), default=768, help="width of the DINOv2 tokens (768 for ViT-B)")
     g.add_argument("--vae", default="sd-vae-ft-ema", help="VAE the latents decode with")
     p.add_argument("--vae-path", default=None, help="local VAE weights folder or file; none: the HF hub cache")
     s = p.add_argument_group("sampler")
     s.add_argument("--mode", default="sde", choices=["sde", "ode"], help="sde: Euler-Maruyama; ode: Euler or Heun")
-    s.add_argument("--num-steps", type=int, default=250, help="sampler steps (the SDE: model evaluations per sample)")
+    s.add_argument("--num-steps", type=number(int, 1), default=250, help="sampler steps (the SDE: model evaluations per sample)")
     s.add_argument("--heun", action="store_true", help="ODE: Heun's method instead of Euler's")
-    s.add_argument("--cfg-scale", type=float, default=2.3, help="classifier-free guidance (1: none, the paper's no-guidance protocol)")
-    s.add_argument("--cls-cfg-scale", type=float, default=None,
+    s.add_argument("--cfg-scale", type=number(float, 1), default=2.3, help="classifier-free guidance (1: none, the paper's no-guidance protocol)")
+    s.add_argument("--cls-cfg-scale", type=number(float, 0), default=None,
                    help="guidance of the class token; none: equal to --cfg-scale; 0: its conditional velocity")
-    s.add_argument("--guidance-low", type=float, default=0.0, help="guide only for t in [low, high]")
-    s.add_argument("--guidance-high", type=float, default=0.85, help="guide only for t in [low, high]")
+    s.add_argument("--guidance-low", type=number(float, 0, 1), default=0.0, help="guide only for t in [low, high]")
+    s.add_argument("--guidance-high", type=number(float, 0, 1), default=0.85, help="guide only for t in [low, high]")
     s.add_argument("--path-type", default="linear", choices=["linear", "cosine"],
                    help="interpolant the checkpoint was trained with (the SDE's score depends on it)")
     s.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
@@ -67,12 +67,12 @@ def make_parser():
                    help="torch.compile the SiT; none: for the .npz on GPU, where its minute of compiling pays "
                         "back, not for grids or on CPU")
     o = p.add_argument_group("output")
-    o.add_argument("--seed", type=int, default=0, help="seeds every sample's noise")
-    o.add_argument("--classes", type=int, nargs="*", default=None, help="grid: one row per class; none: the first 8")
-    o.add_argument("--per-class", type=int, default=8, help="grid: samples per class")
-    o.add_argument("--num-samples", type=int, default=0,
+    o.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seeds every sample's noise")
+    o.add_argument("--classes", type=number(int, 0), nargs="*", default=None, help="grid: one row per class; none: the first 8")
+    o.add_argument("--per-class", type=number(int, 1), default=8, help="grid: samples per class")
+    o.add_argument("--num-samples", type=number(int, 0), default=0,
                    help="write this many samples to an .npz (0: a grid); a multiple of the classes holds each equally often")
-    o.add_argument("--per-proc-batch-size", type=int, default=64, help="samples per process and batch "
+    o.add_argument("--per-proc-batch-size", type=number(int, 1), default=64, help="samples per process and batch "
                    "(also the Inception's batch with --eval-ref)")
     e = p.add_argument_group("evaluation of the .npz (evaluate.py), after sampling")
     e.add_argument("--eval-ref", default=None, help="ADM's reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
@@ -85,22 +85,18 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.cls_cfg_scale is None:
         args.cls_cfg_scale = args.cfg_scale
-    for name in ("per_proc_batch_size", "per_class"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.num_steps < (2 if args.mode == "sde" else 1):
-        p.error(f"--num-steps must be at least {2 if args.mode == 'sde' else 1} for --mode {args.mode}")
-    if args.num_samples < 0:
-        p.error("--num-samples must be 0 (a grid) or more")
-    if not 0 <= args.guidance_low <= args.guidance_high <= 1:
-        p.error(f"the guidance interval [{args.guidance_low}, {args.guidance_high}] must lie in [0, 1], low <= high")
+    if args.mode == "sde" and args.num_steps < 2:  # its last step is deterministic
+        p.error(f"argument --num-steps: {args.num_steps} is out of range for --mode sde; give an int in [2, inf)")
+    if args.guidance_low > args.guidance_high:  # each lies in [0, 1] (util.number)
+        p.error(f"the guidance interval [{args.guidance_low}, {args.guidance_high}] is empty: --guidance-low must not "
+                "exceed --guidance-high (both in [0, 1])")
     if args.cfg_scale <= 1 and args.cls_cfg_scale > 1:  # the sampler guides nothing at --cfg-scale <= 1
         p.error(f"--cls-cfg-scale {args.cls_cfg_scale} needs --cfg-scale above 1; "
                 "with --cfg-scale 1 neither the image nor the class token is guided")
     if (args.eval_ref is None) != (args.inception is None):
         p.error("--eval-ref and --inception go together: give both (the reference batch and the Inception weights)")
-    if args.eval_ref is not None and args.num_samples == 0:
-        p.error("--eval-ref evaluates an .npz: give --num-samples (50000 for the paper's FID)")
+    if args.eval_ref is not None and args.num_samples < 4:
+        p.error("--eval-ref evaluates an .npz: give --num-samples, at least 4 for precision/recall (50000 for the paper's FID)")
     if args.classes and args.num_samples:
         p.error("--classes is for the grid; the .npz cycles through every class (drop --classes)")
     return args
@@ -116,6 +112,8 @@ def check_files(args):
                         "(e.g. VIRTUAL_imagenet256_labeled.npz)")
     if args.inception is not None and not os.path.isfile(args.inception):
         raise UserError(f"--inception: no weights file at {args.inception}; download {evaluate.WEIGHTS_URL}")
+    if args.eval_ref is not None:  # the reference batch's layout, from its headers alone
+        evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
 
 
 def check_labels(args, num_classes):

@@ -40,7 +40,7 @@ from data import BUILTIN_DATASETS, BuiltinShapes, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
 from flow import sample_sde, sde_generator, start_noise, training_loss
 from model import SiT_models, read_checkpoint
-from util import ArgumentParser, UserError, cleanup_processes, run, save_grid, setup_processes, to_uint8
+from util import ArgumentParser, UserError, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
 # The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
 # learns the built-in shapes (32x32 pixels) in minutes on a CPU. Everything else keeps the
@@ -67,39 +67,39 @@ def get_args(argv=None):
     p.add_argument("--output-dir", default="runs", help="where run directories go")
     p.add_argument("--exp-name", default=None, help="run directory name; none: from model and data")
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
-    p.add_argument("--encoder-depth", type=int, default=None, help="block the projector reads; none: per size")
+    p.add_argument("--encoder-depth", type=number(int, 1), default=None, help="block the projector reads; none: per size")
     p.add_argument("--enc-type", default="dinov2-vit-b",
                    help="dinov2-vit-{s,b,l,g}[-reg], stand-in (random), or builtin-vit (needs --enc-path)")
     p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (none: timm's hub weights), or "
                    "builtin-vit's file from `python toy.py encoder`")
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
-    p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projector)")
-    p.add_argument("--cls-coeff", type=float, default=0.03, help="class-token loss weight (0: no class token)")
+    p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
+    p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"], help="interpolant")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
-    p.add_argument("--cfg-prob", type=float, default=0.1, help="label dropout for classifier-free guidance")
-    p.add_argument("--global-batch-size", type=int, default=256, help="over all processes and accumulation")
-    p.add_argument("--gradient-accumulation-steps", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--max-train-steps", type=int, default=400_000, help="optimizer steps (the paper: 400K; 1.36 FID at 4M)")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, constant")
-    p.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
-    p.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
-    p.add_argument("--adam-weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--adam-epsilon", type=float, default=1e-8, help="AdamW epsilon")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping norm")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA of the weights, per step")
+    p.add_argument("--cfg-prob", type=number(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
+    p.add_argument("--global-batch-size", type=number(int, 1), default=256, help="over all processes and accumulation")
+    p.add_argument("--gradient-accumulation-steps", type=number(int, 1), default=1, help="micro-batches per step")
+    p.add_argument("--max-train-steps", type=number(int, 1), default=400_000, help="optimizer steps (the paper: 400K; 1.36 FID at 4M)")
+    p.add_argument("--lr", type=number(float, above=0), default=1e-4, help="AdamW learning rate, constant")
+    p.add_argument("--adam-beta1", type=number(float, 0, below=1), default=0.9, help="AdamW beta1")
+    p.add_argument("--adam-beta2", type=number(float, 0, below=1), default=0.999, help="AdamW beta2")
+    p.add_argument("--adam-weight-decay", type=number(float, 0), default=0.0, help="AdamW weight decay")
+    p.add_argument("--adam-epsilon", type=number(float, 0), default=1e-8, help="AdamW epsilon")
+    p.add_argument("--max-grad-norm", type=number(float, above=0), default=1.0, help="gradient clipping norm")
+    p.add_argument("--ema-decay", type=number(float, 0, 1), default=0.9999, help="EMA of the weights, per step")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="autocast on GPU (the release trains in fp16; bf16 needs no loss scaling)")
     p.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on GPU")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the SiT and DINOv2 (default %(default)s: on GPU, not on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="seeds data order, noise and sample grids")
-    p.add_argument("--num-workers", type=int, default=8, help="data loader workers per process")
-    p.add_argument("--log-every", type=int, default=100, help="steps between log lines (metrics.jsonl, loss.png)")
-    p.add_argument("--sample-every", type=int, default=10_000, help="steps between sample grids")
-    p.add_argument("--checkpoint-every", type=int, default=10_000, help="steps between checkpoints")
-    p.add_argument("--sample-steps", type=int, default=50, help="SDE steps of the sample grid")
-    p.add_argument("--sample-cfg-scale", type=float, default=1.0, help="CFG of the sample grid")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seeds data order, noise and sample grids")
+    p.add_argument("--num-workers", type=number(int, 0), default=8, help="data loader workers per process")
+    p.add_argument("--log-every", type=number(int, 1), default=100, help="steps between log lines (metrics.jsonl, loss.png)")
+    p.add_argument("--sample-every", type=number(int, 1), default=10_000, help="steps between sample grids")
+    p.add_argument("--checkpoint-every", type=number(int, 1), default=10_000, help="steps between checkpoints")
+    p.add_argument("--sample-steps", type=number(int, 2), default=50, help="SDE steps of the sample grid")
+    p.add_argument("--sample-cfg-scale", type=number(float, 1), default=1.0, help="CFG of the sample grid")
     add_eval_args(p)
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
@@ -112,27 +112,26 @@ def get_args(argv=None):
 
 def add_eval_args(p):
     g = p.add_argument_group("FID while training (evaluate.py's metrics; the paper's protocol without guidance)")
-    g.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: none)")
+    g.add_argument("--eval-every", type=number(int, 0), default=0, help="steps between evaluations (0: none)")
     g.add_argument("--eval-ref", default=None, help="ADM reference batch, e.g. VIRTUAL_imagenet256_labeled.npz")
     g.add_argument("--inception", default=None, help=f"FID Inception weights, from {evaluate.WEIGHTS_URL}")
-    g.add_argument("--eval-samples", type=int, default=10_000, help="samples per evaluation, over all processes")
-    g.add_argument("--eval-steps", type=int, default=250, help="SDE Euler-Maruyama steps of the samples")
-    g.add_argument("--eval-batch-size", type=int, default=64, help="samples per sampler call, per process")
+    g.add_argument("--eval-samples", type=number(int, 4), default=10_000,
+                   help="samples per evaluation, over all processes (precision/recall need 4)")
+    g.add_argument("--eval-steps", type=number(int, 2), default=250, help="SDE Euler-Maruyama steps of the samples")
+    g.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="samples per sampler call, per process")
 
 
 def check_args(p, args):
-    """Mistakes in the flags end here, before anything is built (p.error: one line, exit 2)."""
-    for name in ("global_batch_size", "gradient_accumulation_steps", "max_train_steps", "log_every",
-                 "sample_every", "checkpoint_every", "sample_steps", "eval_samples", "eval_batch_size"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.eval_every < 0:
-        p.error("--eval-every must be 0 (no evaluation) or a number of steps")
-    if args.eval_every and args.eval_steps < 2:
-        p.error("--eval-steps must be at least 2 (the SDE sampler's last step is deterministic)")
+    """Mistakes in the flags end here, before anything is built (p.error: one line, exit 2); each
+    number's range is checked where its flag is defined (util.number)."""
     for flag, path in (("--eval-ref", args.eval_ref), ("--inception", args.inception)):
         if args.eval_every and not (path and os.path.isfile(path)):
             p.error(f"--eval-every needs {flag}: {'no file at ' + path if path else 'not given'}")
+    if args.eval_every:
+        try:  # the reference batch's layout, from its headers alone
+            evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
+        except UserError as e:
+            p.error(f"--eval-ref: {e}")
 
 
 # ----------------------------------------------------------------------------- the training step

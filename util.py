@@ -3,6 +3,7 @@
     processes = setup_processes()      # rank, local_rank, world_size, device; torchrun or not
     raise UserError("no checkpoint at x.pt; give the path of a .pt file written by train.py")
     parser = ArgumentParser(description=__doc__)   # --help shows every default
+    parser.add_argument("--lr", type=number(float, above=0))  # `error: argument --lr: -1 is out of range ...`
     run(main)                          # a UserError becomes one line `error: ...` and exit status 2
     save_grid(to_uint8(images), "grid.png", nrow=8)
 """
@@ -49,6 +50,42 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         print(f"error: {message}; see {self.prog} --help", file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+class number:
+    """An argparse `type=` that parses an int or a float and checks its range where the flag is
+    defined, so a number out of range is one line that names the flag, the value and the range:
+
+        p.add_argument("--lr", type=number(float, above=0))    # (0, inf)
+        p.add_argument("--ema-decay", type=number(float, 0, 1))  # [0, 1]
+        error: argument --lr: -1 is out of range; give a float in (0, inf); see train.py --help
+
+    low and high are inclusive bounds, above and below exclusive ones; `multiple` asks for a
+    multiple of it (e.g. an image side that the VAE's downsampling divides). inf and NaN are refused.
+    """
+
+    def __init__(self, kind, low=None, high=None, *, above=None, below=None, multiple=None):
+        self.kind, self.low, self.high, self.above, self.below, self.multiple = kind, low, high, above, below, multiple
+        self.__name__ = kind.__name__  # what argparse calls the type in its messages
+
+    def range(self):
+        left = f"[{self.low}" if self.low is not None else f"({self.above}" if self.above is not None else "(-inf"
+        right = f"{self.high}]" if self.high is not None else f"{self.below})" if self.below is not None else "inf)"
+        what = f"a multiple of {self.multiple}" if self.multiple else "an int" if self.kind is int else "a float"
+        return f"{what} in {left}, {right}"
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {self.kind.__name__} value: {text!r}")
+        inside = (value == value and abs(value) != float("inf")  # finite (NaN differs from itself)
+                  and (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+                  and (self.above is None or value > self.above) and (self.below is None or value < self.below)
+                  and (not self.multiple or value % self.multiple == 0))
+        if not inside:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {self.range()}")
+        return value
 
 
 # ----------------------------------------------------------------------------- processes

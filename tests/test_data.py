@@ -1,8 +1,6 @@
 """Specification of data.py: ADM crop, ImageNet preparation (restartable), datasets, resumable loader."""
 import json
 import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -12,6 +10,7 @@ from PIL import Image
 
 import data
 import encoder
+from ports import run_ranks
 from util import UserError
 
 SYNSETS = ["n01000003", "n01000001", "n01000002"]  # created unsorted; labels follow sorted order
@@ -247,20 +246,12 @@ def test_prepare_with_a_small_sd_vae_stores_its_posterior_moments(imagenet, tmp_
 def test_two_ranks_of_the_command_line_give_the_arrays_of_one_process(imagenet, tmp_path):
     # Two processes with the environment torchrun gives its workers (gloo on CPU), without the
     # launcher itself: a few seconds less, and the same code path in data.py.
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
     command = [sys.executable, script, "prepare", "--src", str(imagenet), "--dst", str(tmp_path / "two"),
                "--vae", "pixels", "--resolution", str(RESOLUTION), "--batch-size", "3", "--workers", "0",
                "--chunk-size", "4"]
-    torchrun_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
-                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**torchrun_env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    for rank in ranks:
-        output = rank.communicate(timeout=120)[0].decode()
-        assert rank.returncode == 0, output
+    for code, output in run_ranks(command, {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}):
+        assert code == 0, output
     data.prepare(str(imagenet), str(tmp_path / "one"), encoder.load_vae("pixels"), "pixels", resolution=RESOLUTION,
                  batch_size=3, workers=0, chunk_size=4)
     for name in ["images.npy", "moments.npy", "labels.npy", "valid.npy", "manifest.json", "skipped.txt"]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import evaluate
 import util
+from ports import retry_on_busy_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -533,7 +534,7 @@ def test_nan_features_and_mismatched_sizes_are_refused():
 
 
 def test_command_line_mistake_is_one_line(tmp_path):
-    np.savez(tmp_path / "ref.npz", arr_0=random_images(2))
+    np.savez(tmp_path / "ref.npz", arr_0=random_images(4))
     result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path / "ref.npz"),
                              str(tmp_path / "ref.npz"), "--inception", str(tmp_path / "missing.pth")],
                             capture_output=True, text=True, cwd=ROOT)
@@ -543,13 +544,6 @@ def test_command_line_mistake_is_one_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------- several processes
-
-def free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _features_on_rank(rank, world_size, port, path, out):
     import torch.distributed as dist
@@ -568,7 +562,14 @@ def test_two_processes_give_the_features_of_one_in_the_same_order(tmp_path):
     path = str(tmp_path / "x.npz")
     np.savez(path, arr_0=random_images(11, seed=4))
     one = {k: v for k, v in evaluate.features(StubInception(), evaluate.read_images(path), progress=False).items()}
-    torch.multiprocessing.spawn(_features_on_rank, args=(2, free_port(), path, str(tmp_path / "two.npz")), nprocs=2)
+    def spawn(port):  # -> the text of a failure, "" when both ranks succeeded
+        try:
+            torch.multiprocessing.spawn(_features_on_rank, args=(2, port, path, str(tmp_path / "two.npz")), nprocs=2)
+        except torch.multiprocessing.ProcessRaisedException as e:
+            return str(e)
+        return ""
+    failure = retry_on_busy_port(spawn)
+    assert not failure, failure
     with np.load(tmp_path / "two.npz") as two:
         for k in one:
             assert np.allclose(two[k], one[k], rtol=1e-6, atol=1e-6), k

@@ -619,3 +619,14 @@ def test_read_checkpoint_of_a_non_dict_says_so(tmp_path):
     with pytest.raises(UserError, match="is not a checkpoint written by train.py.*not a dict") as error:
         read_checkpoint(str(path))
     assert "it holds a list, not a dict; give the path of such a .pt file" in str(error.value)
+
+
+def test_load_weights_gives_the_ema_weights_unless_told_otherwise(tmp_path):
+    """Guards load_weights' documented default, prefer_ema=True (sample.py's --ema relies on it): the
+    EMA weights of a checkpoint holding both, from a path or a loaded dict; the model's without EMA."""
+    path = tmp_path / "0000001.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.ones(2)}, "steps": 1}, path)
+    for ckpt in (str(path), torch.load(path)):
+        assert torch.equal(load_weights(ckpt)["w"], torch.ones(2))
+        assert torch.equal(load_weights(ckpt, prefer_ema=False)["w"], torch.zeros(2))
+    assert torch.equal(load_weights({"model": {"w": torch.zeros(2)}})["w"], torch.zeros(2))

@@ -5,7 +5,6 @@ z / scaling_factor, the .npz layout, balanced labels, the same .npz on any numbe
 the evaluation after sampling, and one-line errors for user mistakes."""
 import argparse
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import train
 import util
 from encoder import AutoencoderKL
 from model import SiT_models, read_checkpoint
+from ports import run_ranks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10  # of the built-in run
@@ -304,12 +304,6 @@ def test_fid_labels_are_real_classes_each_equally_often(ckpt, tmp_path, monkeypa
     assert stored.tolist() == labels.tolist()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))  # the OS picks a free port
-        return s.getsockname()[1]
-
-
 def test_two_processes_write_the_same_npz_as_one(ckpt, tmp_path, monkeypatch):
     flags = ["--ckpt", ckpt, "--num-samples", 10, "--per-proc-batch-size", 3, "--num-steps", 2]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # on CPU, as the two gloo processes
@@ -319,15 +313,10 @@ def test_two_processes_write_the_same_npz_as_one(ckpt, tmp_path, monkeypatch):
         run_sample(*flags, "--out", tmp_path / "one.npz")
     finally:
         torch.set_num_threads(threads)
-    port = free_port()
-    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "sample.py", *map(str, flags), "--out", str(tmp_path / "two.npz")]
-    ranks = [subprocess.Popen(command, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    results = [rank.communicate(timeout=120) + (rank.returncode,) for rank in ranks]
-    for r, (_, err, code) in enumerate(results):
-        assert code == 0, f"rank {r} of the 2-process gloo run (port {port}) failed:\n{err[-3000:]}"
+    results = run_ranks(command, {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}, cwd=REPO)
+    for r, (code, output) in enumerate(results):
+        assert code == 0, f"rank {r} of the 2-process gloo run failed:\n{output[-3000:]}"
     assert np.array_equal(npz_images(tmp_path / "two.npz"), npz_images(tmp_path / "one.npz"))
 
 
@@ -345,7 +334,8 @@ def test_npz_is_named_after_the_checkpoint_and_settings(ckpt, tmp_path, monkeypa
 def test_eval_ref_evaluates_the_written_npz_with_the_settings(ckpt, tmp_path, monkeypatch):
     SamplerSpy(monkeypatch)
     ref, inception = tmp_path / "ref.npz", tmp_path / "inception.pth"
-    ref.touch(), inception.touch()  # only their paths matter to the stand-in below
+    np.savez(ref, arr_0=np.zeros((4, 8, 8, 3), np.uint8))  # sample.py reads its layout before sampling
+    inception.touch()  # only its path matters to the stand-in below
     calls = []
 
     def evaluate(ref_path, sample_path, inception_path, **kwargs):
@@ -418,7 +408,7 @@ MISTAKES = {  # flags -> words the message must contain
     "cls-guidance-without-cfg": (["--ckpt", "{ckpt}", "--cfg-scale", 1, "--cls-cfg-scale", 2],
                                  "needs --cfg-scale above 1"),
     "guidance-interval": (["--ckpt", "{ckpt}", "--guidance-low", 0.9, "--guidance-high", 0.5], "guidance interval"),
-    "sde-one-step": (["--ckpt", "{ckpt}", "--num-steps", 1], "--num-steps must be at least 2"),
+    "sde-one-step": (["--ckpt", "{ckpt}", "--num-steps", 1], "argument --num-steps: 1 is out of range for --mode sde"),
     "no-raw-weights": (["--ckpt", "{bare}", "--no-ema"], "holds no raw model weights"),
 }
 

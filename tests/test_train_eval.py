@@ -121,7 +121,7 @@ def test_eval_flags_are_checked_before_anything_is_built(tmp_path, eval_files, c
                            (["--eval-every", "5", "--eval-ref", str(tmp_path / "no.npz"), "--inception",
                              eval_files["inception"]], "no file at"),
                            (["--eval-every", "5", "--eval-ref", eval_files["ref"]], "needs --inception"),
-                           (["--eval-every", "-1"], "--eval-every must be 0")]:
+                           (["--eval-every", "-1"], "argument --eval-every: -1 is out of range")]:
         with pytest.raises(SystemExit) as stop:
             train.get_args(["--output-dir", str(tmp_path), *flags])
         assert stop.value.code == 2
