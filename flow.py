@@ -19,8 +19,8 @@ at t = 0). Every formula below follows from one substitution, x -> x + mu1, eps 
     target = alpha'_t (x + mu1) + sigma'_t (eps + mu0)  linear: (eps + mu0) - (x + mu1)
 The gradient reaches mu0 and mu1 through both z_t and the target. Sampling starts at eps + mu0(y),
 integrates to t = 0 and subtracts mu1(y); the SDE's score must see the shifted source
-(score_from_velocity's source_shift). The class token's path is not shifted: CAR-Flow defines
-shifts of the generated data, and the token's own velocity is what REG's guidance reads.
+(score_from_velocity's source_shift). The class token's path is not shifted: the paper shifts
+the latent it generates, and shifting REG's token too would be a second change, not CAR-Flow.
 Guidance: the shifts always take the true label (class Guidance says why).
 """
 import math
@@ -126,10 +126,10 @@ class Guidance:
     affine in v with shared coefficients and the guided step does nothing with mu0, mu1: the
     sampler adds mu0(y) at the start, subtracts mu1(y) at the end, and passes mu0(y) to the score.
     The other choice, the null label's own shifts, would train the unconditional half on another
-    path (data moved by mu1(null)) and evaluate it on class y's states: u + s (c - u) would then
-    extrapolate the gap between the two paths' ends, moving every sample by about
-    (s - 1)(mu1(y) - mu1(null)) whatever the data (tests/test_carflow.py shows it on Gaussians).
-    It is not offered.
+    path (data moved by mu1(null), noise by mu0(null)) and evaluate it on class y's states:
+    u + s (c - u) would then extrapolate the gap between the two paths' ends and move every sample
+    by a multiple of s - 1 of it, whatever the data; on Gaussian data of std sd exactly by
+    (s - 1)((mu1(y) - mu1(null)) - sd (mu0(y) - mu0(null))) (tests/test_carflow.py). Not offered.
     """
 
     def __init__(self, scale=1.0, cls_scale=0.0, low=0.0, high=1.0, null_label=1000):

@@ -222,8 +222,8 @@ def report(runs, args, seconds):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=1500, help="Adam steps per run")
-    p.add_argument("--batch", type=int, default=512, help="samples per step")
+    p.add_argument("--steps", type=int, default=1000, help="Adam steps per run")
+    p.add_argument("--batch", type=int, default=256, help="samples per step")
     p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (model and maps)")
     p.add_argument("--seeds", type=int, default=3, help="runs per arm (seeds 0, 1, ...)")
     p.add_argument("--eval-every", type=int, default=100, help="steps between W1 / length evaluations")
