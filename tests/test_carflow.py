@@ -402,17 +402,17 @@ def test_train_step_gives_the_shift_maps_the_true_labels_even_when_the_sit_drops
 
 @pytest.fixture(scope="module")
 def joint_runs(tmp_path_factory):
-    """--car joint on the built-in data: 3 steps straight, and 2 steps then resumed to 3."""
+    """--car joint on the built-in data: 2 steps straight, and 1 step then resumed to 2."""
     out = tmp_path_factory.mktemp("car")
-    flags = ["--car", "joint", "--checkpoint-every", "2", "--sample-every", "100", "--ema-decay", "0.5"]
-    straight = train.main(train.get_args(["--output-dir", str(out / "straight"), *TINY, "--max-train-steps", "3", *flags]))
-    train.main(train.get_args(["--output-dir", str(out / "resumed"), *TINY, "--max-train-steps", "2", *flags]))
-    resumed = train.main(train.get_args(["--output-dir", str(out / "resumed"), *TINY, "--max-train-steps", "3", *flags]))
+    flags = ["--car", "joint", "--checkpoint-every", "1", "--sample-every", "100", "--ema-decay", "0.5"]
+    straight = train.main(train.get_args(["--output-dir", str(out / "straight"), *TINY, "--max-train-steps", "2", *flags]))
+    train.main(train.get_args(["--output-dir", str(out / "resumed"), *TINY, "--max-train-steps", "1", *flags]))
+    resumed = train.main(train.get_args(["--output-dir", str(out / "resumed"), *TINY, "--max-train-steps", "2", *flags]))
     return dict(out=out, straight=straight, resumed=resumed)
 
 
 def test_a_joint_run_trains_its_shifts_and_keeps_their_ema_in_the_checkpoint(joint_runs):
-    ckpt = read_checkpoint(str(joint_runs["out"] / "resumed" / RUN / "checkpoints" / "0000003.pt"))
+    ckpt = read_checkpoint(str(joint_runs["out"] / "resumed" / RUN / "checkpoints" / "0000002.pt"))
     assert ckpt["args"].car == "joint" and ckpt["config"]["car"] == "joint"
     for key in ("model", "ema"):
         weight = ckpt[key]["target_shift.head.9.weight"]  # the zero-initialised output conv
@@ -430,13 +430,13 @@ def test_a_resumed_joint_run_continues_its_shifts_and_their_ema_bit_for_bit(join
 def test_resuming_with_another_car_variant_is_a_one_line_user_error(joint_runs):
     with pytest.raises(UserError, match=r"--car joint and this run has --car target; resume with --car joint"):
         train.main(train.get_args(["--output-dir", str(joint_runs["out"] / "resumed"), *TINY, "--car", "target",
-                                   "--max-train-steps", "4"]))
+                                   "--max-train-steps", "3"]))
 
 
 @pytest.mark.parametrize("flags", [["--num-steps", "3"], ["--mode", "ode", "--num-steps", "2"],
                                    ["--mode", "ode", "--heun", "--num-steps", "2"]], ids=["sde", "euler", "heun"])
 def test_sample_py_reads_the_variant_from_the_checkpoint_and_shifts_every_sampler(joint_runs, tmp_path, monkeypatch, flags):
-    path = joint_runs["out"] / "resumed" / RUN / "checkpoints" / "0000003.pt"
+    path = joint_runs["out"] / "resumed" / RUN / "checkpoints" / "0000002.pt"
     calls = []
     for name in ("sample_sde", "sample_ode"):
         real = getattr(sample, name)
