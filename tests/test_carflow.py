@@ -18,12 +18,11 @@ import pytest
 import torch
 
 import data
-import flow
 import sample
 import train
 from flow import sample_ode, sample_sde, score_from_velocity, training_loss
-from model import SiT, SiT_models, read_checkpoint
-from test_flow import (NULL, assert_gaussian_samples, coefficients, gaussian_score, gaussian_velocity,
+from model import SiT_models, read_checkpoint
+from test_flow import (NULL, assert_gaussian_samples, coefficients, gaussian_velocity,
                        predicted_sde_moments)
 from test_model import inputs, perturb, tiny
 from test_train import REPO, RUN, TINY, run_torchrun
