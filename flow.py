@@ -9,6 +9,19 @@ with v_cls None when there is no class token and zs None when the projector is o
     losses = training_loss(model, x, y, cls, patches)          # REG
     losses = training_loss(model, x, y, None, patches)         # REPA: no class token
     x0, cls0 = sample_sde(model, noise, y, cls_noise, steps=250, cfg_scale=2.3, ...)
+    losses = training_loss(model, x, y, cls, patches, shifts=sit.shifts(y))   # + CAR-Flow
+    x0, cls0 = sample_sde(model, noise, y, cls_noise, shifts=sit.shifts(y))  # CAR-Flow: returns z0 - mu1(y)
+
+CAR-Flow (arXiv 2509.19300) moves the two ends of the path by learned class shifts: the source
+to eps + mu0(y) and the target to x + mu1(y) (their data-at-1 convention rewritten in ours, data
+at t = 0). Every formula below follows from one substitution, x -> x + mu1, eps -> eps + mu0:
+    z_t = alpha_t (x + mu1) + sigma_t (eps + mu0)       linear: (1 - t)(x + mu1) + t (eps + mu0)
+    target = alpha'_t (x + mu1) + sigma'_t (eps + mu0)  linear: (eps + mu0) - (x + mu1)
+The gradient reaches mu0 and mu1 through both z_t and the target. Sampling starts at eps + mu0(y),
+integrates to t = 0 and subtracts mu1(y); the SDE's score must see the shifted source
+(score_from_velocity's source_shift). The class token's path is not shifted: the paper shifts
+the latent it generates, and shifting REG's token too would be a second change, not CAR-Flow.
+Guidance: the shifts always take the true label (class Guidance says why).
 """
 import math
 
@@ -48,12 +61,13 @@ def _bcast(t, x):
 
 
 def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_schedule="uniform",
-                  proj_coeff=0.5, cls_coeff=0.03, t=None, noise=None, cls_noise=None):
+                  proj_coeff=0.5, cls_coeff=0.03, t=None, noise=None, cls_noise=None, shifts=None):
     """REG's loss for one batch; returns per-sample terms and their weighted total.
 
     x: (N, C, H, W) clean latents; y: (N,) labels; cls: (N, z_dim) clean DINOv2 class token, or None
     for a model without the token (SiT, REPA); patches: (N, T, z_dim) clean DINOv2 patch tokens, or
     None for a model without projector. t, noise, cls_noise may be given (tests); else drawn here.
+    shifts: CAR-Flow's (mu0, mu1), each (N, C, H, W) or None (SiT.shifts(y)); None: no shifts.
     Returns {"loss": scalar, "denoise": (N,), "cls": (N,) or None, "proj": (N,) or None}.
     """
     n = x.shape[0]
@@ -61,6 +75,8 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
         t = sample_time(n, time_schedule, path, device=x.device)
     if noise is None:
         noise = torch.randn_like(x)
+    if shifts is not None:  # CAR-Flow: the path runs from the shifted data to the shifted noise
+        x, noise = shift_ends(x, noise, *shifts)
     alpha, sigma, d_alpha, d_sigma = interpolant(_bcast(t, x), path)
     x_t = alpha * x + sigma * noise
     target = d_alpha * x + d_sigma * noise
@@ -100,6 +116,20 @@ class Guidance:
     means "take the conditional velocity". Outside the interval: one conditional pass. Guiding
     the velocity equals guiding the SDE drift, which is affine in v with the same coefficients
     for both halves.
+
+    CAR-Flow (arXiv 2509.19300 does not say how it meets guidance; this is our choice): the
+    shifts mu0, mu1 take the true label y everywhere, also where the velocity network's label is
+    the null one (label dropout in training, the unconditional half here). Then dropout trains
+    the unconditional velocity of the same shifted problem (the mixture over classes of the paths
+    each class's shifts define), the state z of a guided step, which started at eps + mu0(y), lies
+    on the path of both halves, and both halves' SDE scores use the same mu0(y), so the drift stays
+    affine in v with shared coefficients and the guided step does nothing with mu0, mu1: the
+    sampler adds mu0(y) at the start, subtracts mu1(y) at the end, and passes mu0(y) to the score.
+    The other choice, the null label's own shifts, would train the unconditional half on another
+    path (data moved by mu1(null), noise by mu0(null)) and evaluate it on class y's states:
+    u + s (c - u) would then extrapolate the gap between the two paths' ends and move every sample
+    by a multiple of s - 1 of it, whatever the data; on Gaussian data of std sd exactly by
+    (s - 1)((mu1(y) - mu1(null)) - sd (mu0(y) - mu0(null))) (tests/test_carflow.py). Not offered.
     """
 
     def __init__(self, scale=1.0, cls_scale=0.0, low=0.0, high=1.0, null_label=1000):
@@ -127,24 +157,40 @@ class Guidance:
         return v, v_cls
 
 
-def score_from_velocity(v, x, t, path="linear"):
+def shift_ends(x, noise, mu0=None, mu1=None):
+    """CAR-Flow's ends of the path: data x + mu1(y) at t = 0, noise eps + mu0(y) at t = 1 (a map
+    left out, None, is the identity). x, noise, mu0, mu1: (N, C, H, W)."""
+    return x if mu1 is None else x + mu1, noise if mu0 is None else noise + mu0
+
+
+def score_from_velocity(v, x, t, path="linear", source_shift=None):
     """The score of p_t from the velocity: s = (a/a' v - x) / (sigma^2 - a/a' sigma' sigma).
 
     For the linear path this is -((1 - t) v + x) / t.
+    With CAR-Flow's source shift mu0 (N, C, H, W), z = alpha (x + mu1) + sigma (eps + mu0) is
+    u + sigma mu0, where u = alpha (x + mu1) + sigma eps is an unshifted path (its data x + mu1) with
+    velocity v - sigma' mu0. A translation leaves the score unchanged, so the score of z is the
+    formula above at (v - sigma' mu0, z - sigma mu0); linear: -((1 - t) v + z - mu0) / t. (The
+    target shift needs nothing: it moves the data, which the formula never sees.)
     """
     alpha, sigma, d_alpha, d_sigma = interpolant(torch.tensor(t, dtype=torch.float64), path)
+    if source_shift is not None:
+        v, x = v - d_sigma * source_shift, x - sigma * source_shift
     ratio = alpha / d_alpha
     return (ratio * v - x) / (sigma ** 2 - ratio * d_sigma * sigma)
 
 
 @torch.no_grad()
 def sample_sde(model, x, y, cls=None, *, steps=250, cfg_scale=1.0, cls_cfg_scale=0.0,
-               guidance_low=0.0, guidance_high=1.0, null_label=1000, path="linear", generator=None):
+               guidance_low=0.0, guidance_high=1.0, null_label=1000, path="linear", generator=None,
+               shifts=None):
     """Euler-Maruyama on the reverse SDE with diffusion w(t) = 2t, as the official sampler.
 
     x: (N, C, H, W) and cls: (N, z_dim) start noise at t = 1; y: (N,) labels. Times: `steps` points
     spaced linearly from 1 to 0.04 (steps - 1 stochastic steps), then one deterministic step to 0:
     `steps` model evaluations. The state is kept in float64; the model sees x's dtype.
+    shifts: CAR-Flow's (mu0, mu1) of the labels y (SiT.shifts(y)), each (N, C, H, W) or None: the
+    state starts at x + mu0, the score accounts for mu0, and the samples are z_0 - mu1.
     Returns the samples (x, cls) at t = 0 in x's dtype (cls is None when not given).
     """
     check_path(path)
@@ -153,9 +199,11 @@ def sample_sde(model, x, y, cls=None, *, steps=250, cfg_scale=1.0, cls_cfg_scale
     guide = Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, null_label)
     dtype = x.dtype
     x, cls = x.double(), None if cls is None else cls.double()
+    mu0, mu1 = _float64_shifts(shifts)
+    x = x if mu0 is None else x + mu0  # eps + mu0(y): the shifted source
 
-    def step(s, v, t, dt, stochastic):
-        drift = v - t * score_from_velocity(v, s, t, path)  # v - 1/2 w(t) score, w = 2t
+    def step(s, v, t, dt, stochastic, mu0=None):
+        drift = v - t * score_from_velocity(v, s, t, path, mu0)  # v - 1/2 w(t) score, w = 2t
         s = s + drift * dt
         if stochastic:
             noise = torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
@@ -166,25 +214,29 @@ def sample_sde(model, x, y, cls=None, *, steps=250, cfg_scale=1.0, cls_cfg_scale
     for t, t_next in zip(times[:-1], times[1:]):
         v, v_cls = guide.velocity(model, x, cls, t, y, dtype, guide.active(t))
         stochastic = t_next > 0  # the last step, 0.04 -> 0, is the deterministic mean
-        x = step(x, v, t, t_next - t, stochastic)
+        x = step(x, v, t, t_next - t, stochastic, mu0)
         if cls is not None:
             cls = step(cls, v_cls, t, t_next - t, stochastic)
+    x = x if mu1 is None else x - mu1  # z_0 - mu1(y): back to the data's space
     return x.to(dtype), None if cls is None else cls.to(dtype)
 
 
 @torch.no_grad()
 def sample_ode(model, x, y, cls=None, *, steps=50, method="heun", cfg_scale=1.0, cls_cfg_scale=0.0,
-               guidance_low=0.0, guidance_high=1.0, null_label=1000):
+               guidance_low=0.0, guidance_high=1.0, null_label=1000, shifts=None):
     """Euler or Heun on dx/dt = v from t = 1 to 0 over `steps` equal intervals; the class token is
     integrated jointly. As in the official sampler, Heun skips its correction on the last interval
     (it would evaluate the model at t = 0) and both of its evaluations follow the guidance
     decision taken at the interval's start. State in float64, model inputs in x's dtype.
+    shifts: CAR-Flow's (mu0, mu1), as for sample_sde; the ODE needs them only at its two ends.
     """
     if method not in ("euler", "heun"):
         raise ValueError(f"unknown ODE method {method!r}; choose 'euler' or 'heun'")
     guide = Guidance(cfg_scale, cls_cfg_scale, guidance_low, guidance_high, null_label)
     dtype = x.dtype
     x, cls = x.double(), None if cls is None else cls.double()
+    mu0, mu1 = _float64_shifts(shifts)
+    x = x if mu0 is None else x + mu0  # eps + mu0(y)
     times = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         dt, guided = t_next - t, guide.active(t)
@@ -196,7 +248,13 @@ def sample_ode(model, x, y, cls=None, *, steps=50, method="heun", cfg_scale=1.0,
             x_next = x + 0.5 * (v + v2) * dt
             cls_next = None if cls is None else cls + 0.5 * (v_cls + v2_cls) * dt
         x, cls = x_next, cls_next
+    x = x if mu1 is None else x - mu1  # z_0 - mu1(y)
     return x.to(dtype), None if cls is None else cls.to(dtype)
+
+
+def _float64_shifts(shifts):
+    """(mu0, mu1) as float64 tensors (or None), like the samplers' state."""
+    return tuple(None if mu is None else mu.double() for mu in (shifts or (None, None)))
 
 
 def start_noise(indices, seed, latent_shape, z_dim=None, num_classes=1000):

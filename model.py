@@ -170,6 +170,44 @@ def sincos_pos_embed_2d(dim, grid_size):
     return torch.cat([encode(w), encode(h)], dim=1).float()  # (grid*grid, dim)
 
 
+CAR_VARIANTS = ("none", "source", "target", "joint")  # which maps CAR-Flow learns (arXiv 2509.19300)
+
+
+class ShiftNet(nn.Module):
+    """Class -> an additive shift of the latent's shape, for CAR-Flow (arXiv 2509.19300).
+
+    A class embedding, a Linear to a (width, H/4, W/4) map, then 3x3 convs: one at H/4, one after
+    each of two nearest-neighbour x2 upsamplings (width/2, width/4 channels), one to C channels.
+    The paper's ImageNet maps are "lightweight convolutional networks" of about 2.3M parameters
+    each; these sizes give 2.35M for 1000 classes and a 4x32x32 latent, most of them in the
+    embedding and the Linear, which cost little compute. The output conv is zero-initialised: a
+    fresh map is the identity (shift 0), so training starts exactly as without CAR-Flow.
+    """
+
+    def __init__(self, num_classes, channels, size, embed_dim=448, width=64):
+        super().__init__()
+        if size % 4:
+            raise ValueError(f"CAR-Flow's shift maps need a latent side divisible by 4, got {size}")
+        self.num_classes, self.width, self.base = num_classes, width, size // 4
+        self.embedding = nn.Embedding(num_classes, embed_dim)  # real classes only: shifts never see the null label
+        self.linear = nn.Linear(embed_dim, width * self.base ** 2)
+        self.head = nn.Sequential(
+            nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, width // 2, 3, padding=1), nn.SiLU(),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width // 2, width // 4, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width // 4, channels, 3, padding=1),
+        )
+        nn.init.zeros_(self.head[-1].weight)
+        nn.init.zeros_(self.head[-1].bias)
+
+    def forward(self, y):
+        # A batch with more labels than there are classes (the built-in data) maps every class once.
+        classes = torch.arange(self.num_classes, device=y.device) if len(y) > self.num_classes else y
+        h = self.linear(self.embedding(classes)).view(-1, self.width, self.base, self.base)  # (n, width, H/4, W/4)
+        mu = self.head(h).float()  # (n, C, H, W); fp32 even under autocast, like the latents it shifts
+        return mu[y] if classes is not y else mu
+
+
 class ModelOutput(NamedTuple):
     v: torch.Tensor                  # (N, C, H, W) latent velocity
     v_cls: Optional[torch.Tensor]    # (N, z_dim) class-token velocity, None without the token
@@ -183,11 +221,15 @@ class SiT(nn.Module):
     cls_token: prepend the (noised) DINOv2 class token and predict its velocity (REG).
     projector: REPA's projector on the output of block `encoder_depth` (1-indexed).
     z_dim: width of the encoder tokens (768 for DINOv2-B), used by both REG heads.
+    car: CAR-Flow's learned class shifts (arXiv 2509.19300), not part of the velocity network:
+    "source" a map mu0(y) of the noise, "target" a map mu1(y) of the data, "joint" both, "none"
+    neither (the parameters and names of the official release). flow.py applies them.
     """
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
-                 encoder_depth=8, z_dim=768, projector_dim=2048, cls_token=True, projector=True):
+                 encoder_depth=8, z_dim=768, projector_dim=2048, cls_token=True, projector=True,
+                 car="none"):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -195,6 +237,8 @@ class SiT(nn.Module):
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if projector and not 1 <= encoder_depth <= depth:
             raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
+        if car not in CAR_VARIANTS:
+            raise ValueError(f"unknown CAR-Flow variant {car!r}; choose one of {CAR_VARIANTS}")
         self.in_channels = in_channels
         self.z_dim = z_dim  # width of the DINOv2 tokens: the class token's and the projector's
         self.patch_size = patch_size
@@ -222,6 +266,14 @@ class SiT(nn.Module):
             self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z_dim)])
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, z_dim if cls_token else None)
         self.initialize_weights()
+        # CAR-Flow's maps come last and draw their initial weights from a forked RNG, so the SiT's
+        # weights and every later random draw are those of car="none" with the same seed.
+        self.car = car
+        with torch.random.fork_rng(devices=[]):
+            if car in ("source", "joint"):
+                self.source_shift = ShiftNet(num_classes, in_channels, input_size)  # mu0: noise -> noise + mu0(y)
+            if car in ("target", "joint"):
+                self.target_shift = ShiftNet(num_classes, in_channels, input_size)  # mu1: data -> data + mu1(y)
 
     def initialize_weights(self):
         def xavier(module):
@@ -250,6 +302,14 @@ class SiT(nn.Module):
         # (N, T, p*p*C) -> (N, C, H, W); tokens are row-major over the (h, w) patch grid.
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)",
                          h=self.grid_size, p=self.patch_size, q=self.patch_size)
+
+    def shifts(self, y):
+        """CAR-Flow's (mu0, mu1) for the labels y (N,): each (N, C, H, W) float32, or None for a map
+        this model does not learn. Always the true labels, also where the velocity network sees
+        the null label (label dropout, the unconditional half of guidance): flow.py says why."""
+        mu0 = self.source_shift(y) if hasattr(self, "source_shift") else None
+        mu1 = self.target_shift(y) if hasattr(self, "target_shift") else None
+        return mu0, mu1
 
     def forward(self, x, t, y, cls=None, return_zs=None):
         """x: (N, C, H, W) noisy latent; t: (N,) time in [0, 1]; y: (N,) labels (num_classes = null);

@@ -161,11 +161,13 @@ def noise_and_labels(indices, model, args, device):
 
 def sample_latents(model, x, cls, y, args, generator=None):
     """Run the sampler of args (mode, steps, guidance, path, precision) from start noise (x, cls)
-    with labels y -> latents (N, C, h, w). `generator` draws the SDE's noise."""
+    with labels y -> latents (N, C, h, w). `generator` draws the SDE's noise. A CAR-Flow model
+    (its checkpoint's config says which maps) starts at x + mu0(y) and returns z_0 - mu1(y)."""
     common = dict(cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
                   guidance_high=args.guidance_high, null_label=model.num_classes)
     amp = args.precision == "bf16" and x.device.type == "cuda"
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        common["shifts"] = model.shifts(y)  # CAR-Flow's (mu0, mu1) of the true labels; (None, None) without
         if args.mode == "sde":
             z, _ = sample_sde(model, x, y, cls, steps=args.num_steps, path=args.path_type,
                               generator=generator, **common)

@@ -16,6 +16,8 @@ FID while training (off by default), with evaluate.py's FID Inception and ADM's 
     python train.py ... --eval-every 50000 --eval-ref VIRTUAL_imagenet256_labeled.npz \\
         --inception pt_inception-2015-12-05-6726825d.pth --eval-samples 10000
 Baselines: --cls-coeff 0 is REPA (no class token), and --proj-coeff 0 as well is plain SiT.
+CAR-Flow (arXiv 2509.19300), learned class shifts of the noise and/or the data, on any of them:
+    python train.py --car joint        # or source, target; none (the default) is REG as released
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
 the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467, Table 2) is at
@@ -39,7 +41,7 @@ import evaluate
 from data import BUILTIN_DATASETS, BuiltinShapes, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
 from flow import sample_sde, sde_generator, start_noise, training_loss
-from model import SiT_models, read_checkpoint
+from model import CAR_VARIANTS, SiT_models, read_checkpoint
 from util import ArgumentParser, UserError, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
 # The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
@@ -101,6 +103,7 @@ def get_args(argv=None):
     p.add_argument("--sample-steps", type=number(int, 2), default=50, help="SDE steps of the sample grid")
     p.add_argument("--sample-cfg-scale", type=number(float, 1), default=1.0, help="CFG of the sample grid")
     add_eval_args(p)
+    add_car_args(p)
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
         p.set_defaults(**BUILTIN)
@@ -119,6 +122,12 @@ def add_eval_args(p):
                    help="samples per evaluation, over all processes (precision/recall need 4)")
     g.add_argument("--eval-steps", type=number(int, 2), default=250, help="SDE Euler-Maruyama steps of the samples")
     g.add_argument("--eval-batch-size", type=number(int, 1), default=64, help="samples per sampler call, per process")
+
+
+def add_car_args(p):
+    g = p.add_argument_group("CAR-Flow (arXiv 2509.19300): learned class shifts of the path's ends")
+    g.add_argument("--car", default="none", choices=CAR_VARIANTS,
+                   help="source: noise + mu0(y); target: data + mu1(y); joint: both; none: neither")
 
 
 def check_args(p, args):
@@ -168,10 +177,14 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
         skip_sync = i < accum - 1 and hasattr(net, "no_sync")
         with net.no_sync() if skip_sync else nullcontext():
             with autocast:
+                # CAR-Flow's (mu0, mu1) of the true labels, before the SiT drops any; (None, None)
+                # without --car. They run on `model`, outside DDP's forward, and DDP still averages
+                # their gradients: its hooks fire when backward reaches them through z_t and the target.
+                shifts = model.shifts(labels)
                 losses = training_loss(net, x, labels, cls if args.cls_coeff > 0 else None,
                                        patches if args.proj_coeff > 0 else None, path=args.path_type,
                                        time_schedule=args.weighting, proj_coeff=args.proj_coeff,
-                                       cls_coeff=args.cls_coeff)
+                                       cls_coeff=args.cls_coeff, shifts=shifts)
             scaler.scale(losses["loss"] / accum).backward()  # the mean over micro-batches
         for name in LOSS_TERMS:
             if losses[name] is not None:
@@ -224,7 +237,7 @@ def build_model(args, dataset, z_dim):
     """The SiT, and the config that sample.py needs to rebuild it and decode its samples."""
     kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
                   num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
-                  cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0)
+                  cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0, car=args.car)
     if args.encoder_depth is not None:
         kwargs["encoder_depth"] = args.encoder_depth
     model = SiT_models[args.model](**kwargs)
@@ -278,6 +291,10 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if ckpt["args"].model != args.model:
         raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
                         f"{args.model}; use another --exp-name for a new run")
+    car = getattr(ckpt["args"], "car", "none")  # checkpoints from before --car existed have none
+    if car != args.car:
+        raise UserError(f"{path} was written by a run with --car {car} and this run has --car {args.car}; "
+                        f"resume with --car {car}, or use another --exp-name for a new run")
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -460,7 +477,8 @@ class SampleGrid:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             z, _ = sample_sde(ema, self.x, self.y, self.cls, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
                               null_label=self.dataset.num_classes, path=args.path_type,
-                              generator=torch.Generator(device).manual_seed(args.seed))
+                              generator=torch.Generator(device).manual_seed(args.seed),
+                              shifts=ema.shifts(self.y))
         save_grid(self.vae.decode(z.float() / self.dataset.scaling_factor), path, nrow=8)
 
 
@@ -496,7 +514,8 @@ class Evaluation:
         dtype = amp_dtype(args.precision, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             z, _ = sample_sde(ema, x, y, cls, steps=args.eval_steps, cfg_scale=1.0, null_label=d.num_classes,
-                              path=args.path_type, generator=sde_generator(args.seed, k, device))
+                              path=args.path_type, generator=sde_generator(args.seed, k, device),
+                              shifts=ema.shifts(y))
         images = to_uint8(self.vae.decode(z.float() / self.dataset.scaling_factor).float())  # (n, 3, H, W)
         return images.permute(0, 2, 3, 1).cpu().numpy()
 

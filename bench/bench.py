@@ -8,6 +8,7 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
   python bench/bench.py train --model SiT-XL/2 --batch 32 --steps 20
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
   python bench/bench.py optim                                  # the optimizer phase alone, XL/2
+  python bench/bench.py train --car joint                      # CAR-Flow's shift maps (train.py --car)
 Levers measured here and left out of the product (BENCHMARKS.md says why), each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
                                (optim: that function against train.optimizer_step, nothing else)
@@ -95,7 +96,7 @@ def compiled_optimizer_phase(args, model, ema):
 
 def bench_train(a, dev):
     args = train.get_args(["--data-path", "unused", "--model", a.model, "--global-batch-size", str(a.batch),
-                           "--precision", a.precision])
+                           "--precision", a.precision, "--car", a.car])
     encoder = load_encoder(args.enc_type, resolution=IMAGENET.resolution, weights=None).to(dev).eval()
     # Weights as at initialisation (adaLN-Zero), as the official side's bench_official.py has them.
     model, _ = train.build_model(args, IMAGENET, encoder.z_dim)
@@ -123,7 +124,8 @@ def bench_train(a, dev):
     torch.cuda.synchronize()
     first = time.time() - t0  # compilation, mostly
     s, metrics = timed(step, a.steps, warm=5)
-    print(json.dumps(dict(side="ours", what="train", model=a.model, batch=B, precision=a.precision,
+    print(json.dumps(dict(side="ours", what="train", model=a.model, car=a.car, batch=B, precision=a.precision,
+                          params=sum(p.numel() for p in model.parameters()),
                           compile=a.compile and (a.compile_mode or "default"), opt_phase=a.opt_phase, fp8=a.fp8,
                           img_per_s=round(B / s, 1),
                           ms_per_step=round(1e3 * s, 1), first_step_s=round(first, 1),
@@ -241,6 +243,8 @@ def main():
     p.add_argument("--compile-mode", default=None, choices=["reduce-overhead"], help="train: see above")
     p.add_argument("--opt-phase", default="eager", choices=["eager", "compiled"], help="train: see above")
     p.add_argument("--fp8", action="store_true", help="train: torchao float8 training of the blocks")
+    p.add_argument("--car", default="none", choices=["none", "source", "target", "joint"],
+                   help="train: CAR-Flow's shift maps, as train.py --car")
     p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "autotune", "fp8", "fp8-tensor"], help="sample")
     p.add_argument("--runs", type=int, default=2, help="sample: timed runs after one warm-up run")
     p.add_argument("--long-steps", type=int, default=0, help="sample: also time one batch of this many steps")

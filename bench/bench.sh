@@ -14,6 +14,8 @@
 #           beside the official step and our default
 #   sample-levers: the sampler with max-autotune and per-tensor fp8, beside the official sampler
 #           and our default
+#   car:    the training step with CAR-Flow's joint shift maps (train.py --car joint) between two
+#           runs without (≈ 6 minutes: three compiles of ≈ 100 s and 26 steps each)
 # Needs the official release's models/sit.py, loss.py and samplers.py in $REF_DIR (never
 # committed) and bench_official.py at $OFFICIAL; the fp8 rows need torchao. Each mode stops
 # starting runs when its $BUDGET_S seconds (default 570) are spent.
@@ -70,5 +72,9 @@ case "${1:-}" in
   sample-levers)  # slowest compile last
     off --sample --sample-batch 128 --sample-steps 50
     ours sample --batch 128 --steps 50 --variants autocast fp8-tensor autotune ;;
-  *) echo "usage: bash bench/bench.sh all|train|sample|levers|fp8-sample|profile|step-levers|sample-levers"; exit 2 ;;
+  car)  # CAR-Flow's cost: --car joint between two --car none runs, SiT-XL/2 at batch 32 (no official code needed)
+    ours train --batch 32
+    ours train --batch 32 --car joint
+    ours train --batch 32 ;;
+  *) echo "usage: bash bench/bench.sh all|train|sample|levers|fp8-sample|profile|step-levers|sample-levers|car"; exit 2 ;;
 esac
