@@ -502,12 +502,15 @@ def memorized_fraction(samples, train_set, threshold=1 / 3, block=4096, device=N
     """
     if device is None:
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    x = torch.as_tensor(np.asarray(samples)).to(device, torch.float64).flatten(1)  # (N, D)
+    def rows(a):  # a tensor, or an array (a copy: memmaps are read-only) -> (n, D) float64 on the device
+        return (a if torch.is_tensor(a) else torch.from_numpy(np.array(a))).to(device, torch.float64).flatten(1)
+
+    x = rows(samples)  # (N, D)
     x_norm = (x * x).sum(1, keepdim=True)  # (N, 1)
 
-    def blocks():  # (start, (B, D) float64 block of the training set on the device)
+    def blocks():  # (B, D) blocks of the training set
         for start in range(0, len(train_set), block):
-            yield start, torch.as_tensor(np.asarray(train_set[start:start + block])).to(device, torch.float64).flatten(1)
+            yield rows(train_set[start:start + block])
 
     def squared(a, a_norm, b):  # (n, B): |a|^2 - 2 a.b + |b|^2, clamped at 0
         return (a_norm - 2 * a @ b.T + (b * b).sum(1)[None]).clamp(min=0)
@@ -515,7 +518,7 @@ def memorized_fraction(samples, train_set, threshold=1 / 3, block=4096, device=N
     # Pass 1: each sample's nearest training point (its squared distance d1^2 and the point itself).
     d1 = torch.full((len(x),), math.inf, dtype=torch.float64, device=device)
     nearest = torch.zeros_like(x)
-    for _, b in blocks():
+    for b in blocks():
         dist = squared(x, x_norm, b)  # (N, B)
         best, index = dist.min(1)
         closer = best < d1
@@ -524,7 +527,7 @@ def memorized_fraction(samples, train_set, threshold=1 / 3, block=4096, device=N
     # Pass 2: the nearest training point that is not a copy of the nearest one (d2^2).
     near_norm = (nearest * nearest).sum(1, keepdim=True)  # (N, 1)
     d2 = torch.full_like(d1, math.inf)
-    for _, b in blocks():
+    for b in blocks():
         dist = squared(x, x_norm, b)
         same = squared(nearest, near_norm, b) <= 1e-12 * (near_norm + (b * b).sum(1)[None])  # a copy of it
         d2 = torch.minimum(d2, dist.masked_fill(same, math.inf).amin(1))
