@@ -104,7 +104,8 @@ def line_panels(panels, path, width=640, height=300, columns=2):
         xs = [fx(x) for x, _, _ in points]
         ys = [y + sgn * (s or 0) for _, y, s in points for sgn in (-1, 1)]
         x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-        y0, y1 = min(ys), max(max(ys), min(ys) + 1e-9)
+        y0, y1 = min(ys), max(ys)
+        y0, y1 = (y0, y1) if y1 - y0 > 1e-9 * max(1.0, abs(y1)) else (y0 - 0.5, y1 + 0.5)  # a flat line: a unit range
         y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
 
         def px(x, y):

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 PRESETS = {  # the CPU preset fits 15 minutes on 2 cores; the cuda one 10 minutes per seed on one H200
-    "cpu": dict(ns=[8, 16, 32], steps_per_image=8, batch=8, evals=8, samples=64, sample_steps=20, ema=0.95,
+    "cpu": dict(ns=[8, 16, 32], steps_per_image=6, batch=8, evals=5, samples=48, sample_steps=16, ema=0.95,
                 parallel=1),
     "cuda": dict(ns=[16, 32, 64, 128, 256, 512], steps_per_image=40, batch=64, evals=10, samples=256,
                  sample_steps=30, ema=0.99, parallel=6),
