@@ -415,17 +415,25 @@ class ClassReferences:
     train.py draws their latents as it draws the sample's. The draw depends on (seed, step, rank)
     alone: a resumed run draws the same references."""
 
-    def __init__(self, dataset, count, seed, rank):
+    def __init__(self, dataset, count, seed, rank, device="cpu", bank_bytes=2**30):
         labels = np.asarray(dataset.labels)
         self.members = [np.flatnonzero(labels == c) for c in range(dataset.num_classes)]  # item indices per class
         self.dataset, self.count, self.seed, self.rank = dataset, count, seed, rank
+        # A small dataset's moments are held on the training device once (the built-in data: 123 MB),
+        # rather than read and copied there every step; a large one is read per step.
+        item_bytes = dataset.moments([0]).numel() * 4
+        small = count > 0 and len(dataset) * item_bytes <= bank_bytes
+        self.bank = dataset.moments(np.arange(len(dataset))).to(device) if small else None
 
     def __call__(self, labels, step):
         """labels (N,) of a batch -> moments (N, count, 2C, h, w) of its references."""
         rng = np.random.default_rng([self.seed, step, self.rank])
         indices = np.stack([self.members[y][rng.integers(len(self.members[y]), size=self.count)]
-                            for y in labels.tolist()])  # (N, count)
-        moments = self.dataset.moments(indices.reshape(-1))
+                            for y in labels.tolist()]).reshape(len(labels), self.count)  # (N, count)
+        if self.bank is not None:
+            moments = self.bank[torch.from_numpy(indices.reshape(-1)).to(self.bank.device)]
+        else:
+            moments = self.dataset.moments(indices.reshape(-1))
         return moments.reshape(*indices.shape, *moments.shape[1:])
 
 

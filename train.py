@@ -695,7 +695,7 @@ def main(args):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt, scaler = build_optimizer(args, model)
     grid, evaluation = build_frozen_outputs(args, dataset, encoder.z_dim, processes, run_dir)
-    references = ClassReferences(dataset, args.cf_refs - 1, args.seed, processes.rank) \
+    references = ClassReferences(dataset, args.cf_refs - 1, args.seed, processes.rank, device) \
         if args.target == "closed-form" else None
     memorization = Memorization(args, dataset, encoder.z_dim, device, run_dir) if args.mem_every and master else None
 

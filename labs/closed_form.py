@@ -37,7 +37,7 @@ from util import to_uint8  # noqa: E402
 PRESETS = {  # CPU: 15 minutes on 2 cores; cuda: 10 minutes on one H200
     "cpu": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256], gap_batch=64, train_refs=64, steps=150, batch=16,
                 evals=3, samples=64, sample_steps=20, ema=0.95, parallel=1, sampler_samples=64),
-    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, steps=6000,
+    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, steps=4000,
                  batch=32, evals=6, samples=1000, sample_steps=30, ema=0.99, parallel=6, sampler_samples=1000),
 }
 TIMES = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]

@@ -29,7 +29,7 @@ import common  # noqa: E402
 PRESETS = {  # the CPU preset fits 15 minutes on 2 cores; the cuda one 10 minutes per seed on one H200
     "cpu": dict(ns=[8, 16, 32], steps_per_image=6, batch=8, evals=5, samples=48, sample_steps=16, ema=0.95,
                 parallel=1),
-    "cuda": dict(ns=[16, 32, 64, 128, 256, 512], steps_per_image=40, batch=64, evals=10, samples=256,
+    "cuda": dict(ns=[16, 32, 64, 128, 256, 512], steps_per_image=20, batch=64, evals=10, samples=256,
                  sample_steps=30, ema=0.99, parallel=6),
 }
 MEM_LEVEL = 0.1  # tau_mem: when this share of the samples copies a training image

@@ -79,6 +79,8 @@ def test_class_references_are_of_the_sample_class_and_the_same_for_the_same_step
         for j in range(6):
             assert (pixels[i, j] == same).flatten(1).all(1).any()  # an image of the same class
     assert (moments[:, :, 3:] == 0).all()  # the built-in data's posterior has no width
+    read_per_step = data.ClassReferences(dataset, 6, seed=0, rank=0, bank_bytes=0)  # no moments held in memory
+    assert read_per_step.bank is None and torch.equal(read_per_step(labels, step=5), moments)
 
 
 TINY = ["--global-batch-size", "8", "--sample-steps", "2", "--num-workers", "0", "--log-every", "1",
