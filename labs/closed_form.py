@@ -132,6 +132,7 @@ def main(args):
     p, seeds = args.preset, args.seeds
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = "python labs/closed_form.py " + " ".join(sys.argv[1:])
+    quality = common.Quality(common.default_evaluator(), device=args.device)  # trains the toy evaluator once, if absent
     # Phase (a): the gap between the targets, per resolution, M and seed.
     gap = {r: [target_gap(r, s, p, args.device) for s in seeds] for r in p["resolutions"]}
     # Phase (b): the training runs not done yet, then their rows.
@@ -141,7 +142,6 @@ def main(args):
         for s in seeds:
             with open(os.path.join(args.out, "runs", f"{t}-seed{s}.json")) as f:
                 runs[(t, s)] = json.load(f)
-    quality = common.Quality(common.default_evaluator(), device=args.device)
     qkey = quality.main
     # Phase (c): the closed-form sampler, and held-out real images for scale.
     sampler = [closed_form_samples(s, p, args, quality) for s in seeds]

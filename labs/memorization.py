@@ -133,6 +133,7 @@ def plot(args, runs, table, quality_key, path):
 
 def main(args):
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
+    common.Quality(common.default_evaluator())  # trains the toy evaluator here, once, if it is not there yet
     # Phase 1: the runs not done yet (each trains, then evaluates its checkpoints).
     jobs = [job(n, seed, args) for n in args.preset["ns"] for seed in args.seeds]
     common.run_workers(os.path.abspath(__file__), jobs, args.preset["parallel"])
