@@ -437,6 +437,53 @@ class ClassReferences:
         return moments.reshape(*indices.shape, *moments.shape[1:])
 
 
+class HardShapes(BuiltinShapes):
+    """The same ten shape masks as BuiltinShapes, made hard enough that a model can be imperfect.
+
+    Colour no longer tells the class (every shape takes a random colour), so only the shape does;
+    each image also varies in position, size and rotation (+-20 degrees: enough variety, yet the
+    square never turns into the diamond), and lies on a textured background (a sinusoidal grating
+    of random orientation, frequency and colours, plus pixel noise). Classes are balanced
+    (label = index mod 10) and every image is a function of (seed, index count) only.
+    For the lab labs/reg_vs_repa.py (`python train.py --builtin hard`); same item contract.
+    """
+
+    class_names = [name.split(" ", 1)[1] for name, _, _ in SHAPES]  # "disc", ...: colour is no clue
+
+    def __init__(self, num_images=5000, resolution=32, seed=0):
+        self.resolution = resolution
+        rng = np.random.default_rng(seed)
+        n = num_images
+        self.labels = np.arange(n) % self.num_classes
+        # Per-image jitter, shaped (n, 1, 1) to broadcast over (H, W).
+        cx, cy = 0.5 + rng.uniform(-0.16, 0.16, (2, n, 1, 1))
+        s = rng.uniform(0.17, 0.30, (n, 1, 1))  # half-size, in image widths
+        angle = np.deg2rad(rng.uniform(-20, 20, (n, 1, 1)))
+        v, u = (np.mgrid[:resolution, :resolution] + 0.5) / resolution  # (H, W) row and column coordinates
+        # The shape's own frame: offsets to its centre, rotated by -angle.
+        dx = np.cos(angle) * (u - cx) + np.sin(angle) * (v - cy)  # (n, H, W)
+        dy = -np.sin(angle) * (u - cx) + np.cos(angle) * (v - cy)
+        mask = np.zeros((n, resolution, resolution), dtype=bool)
+        for label, (_, _, shape) in enumerate(SHAPES):
+            members = self.labels == label
+            mask[members] = shape(dx[members], dy[members], s[members])
+        # Foreground: a random hue and saturation at brightness 0.65..1; background: at most 0.4.
+        colour = rng.uniform(0, 1, (n, 3))
+        colour = colour / colour.max(axis=1, keepdims=True) * rng.uniform(0.65, 1, (n, 1))  # (n, 3)
+        theta, phase = rng.uniform(0, 2 * np.pi, (2, n, 1, 1))
+        frequency = rng.uniform(1.5, 4, (n, 1, 1))  # cycles per image width
+        grating = 0.5 + 0.5 * np.sin(2 * np.pi * frequency * (u * np.cos(theta) + v * np.sin(theta)) + phase)
+        dark, light = rng.uniform(0, 0.4, (2, n, 3, 1, 1))
+        background = dark + (light - dark) * grating[:, None]  # (n, 3, H, W)
+        background = background + 0.03 * rng.standard_normal((n, 3, resolution, resolution))
+        image = np.where(mask[:, None], colour[:, :, None, None], background)  # (n, 3, H, W)
+        self.images = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round to nearest
+
+
+# Datasets of the offline run, by train.py's --builtin name.
+BUILTIN_DATASETS = {"shapes": BuiltinShapes, "hard": HardShapes}
+
+
 # ----------------------------------------------------------------------------- loader
 
 class _StepBatches(Sampler):

@@ -7,6 +7,8 @@ REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is e
     stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names.
   StandInEncoder / PixelSpace: stand-ins with the same interfaces, used by the offline built-in
     run where no pretrained weights exist. They exercise the REG code path, nothing more.
+  BuiltinViT: DINOv2's design at toy scale, pretrained on the built-in images by toy.py, so that
+    the offline lab (labs/reg_vs_repa.py) has a teacher whose tokens mean something.
 
 Usage:
     enc = load_encoder("dinov2-vit-b", resolution=256)        # or weights="/path/dinov2_vitb14_pretrain.pth"
@@ -143,8 +145,43 @@ class StandInEncoder(_FrozenViT):
         self._setup(vit, input_size=None)
 
 
+class BuiltinViT(_FrozenViT):
+    """A small ViT of the DINOv2 design (class token, final norm), pretrained on the built-in images
+    by `python toy.py encoder` (toy.py says with which objective, and why): the teacher of the lab
+    labs/reg_vs_repa.py. Reads images at their own size; T = (resolution / patch_size)^2.
+    Built randomly here (toy.py trains it); `BuiltinViT.load(path)` reads a trained one.
+    """
+
+    def __init__(self, resolution=32, patch_size=8, z_dim=128, depth=3, num_heads=2):
+        super().__init__()
+        self.config = dict(resolution=resolution, patch_size=patch_size, z_dim=z_dim, depth=depth, num_heads=num_heads)
+        vit = VisionTransformer(img_size=resolution, patch_size=patch_size, embed_dim=z_dim, depth=depth,
+                                num_heads=num_heads, num_classes=0)
+        self._setup(vit, input_size=None)
+
+    @classmethod
+    def load(cls, path, resolution):
+        how = "make it with: python toy.py encoder --out " + str(path)
+        if path in (None, "pretrained") or not os.path.isfile(path):
+            raise UserError(f"the builtin-vit encoder needs the file that toy.py writes (--enc-path): "
+                            f"{'none given' if path in (None, 'pretrained') else 'no file at ' + str(path)}; {how}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("kind") != "builtin-vit":
+            raise UserError(f"{path} is not a builtin-vit encoder file; {how}")
+        if state["config"]["resolution"] != resolution:
+            raise UserError(f"{path} was pretrained on {state['config']['resolution']}-pixel images and the data "
+                            f"has {resolution}; pretrain one at that size with toy.train_encoder(path, resolution={resolution})")
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG alone
+            net = cls(**state["config"])
+        net.vit.load_state_dict(state["state_dict"])
+        return net
+
+
 def load_encoder(name, resolution, weights="pretrained", **kwargs):
-    """DINOv2 for an official `--enc-type` name, or StandInEncoder for "stand-in"."""
+    """DINOv2 for an official `--enc-type` name, StandInEncoder for "stand-in", or the trained
+    BuiltinViT of toy.py for "builtin-vit" (weights: its file)."""
+    if name == "builtin-vit":
+        return BuiltinViT.load(weights, resolution)
     if name == "stand-in":
         if weights not in ("pretrained", None):
             raise UserError("The stand-in encoder is random by design and loads no weights; "

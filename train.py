@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import evaluate
-from data import BuiltinShapes, ClassReferences, PreparedDataset, make_loader
+from data import BUILTIN_DATASETS, BuiltinShapes, ClassReferences, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
 from flow import TARGETS, sample_sde, sde_generator, start_noise, training_loss
 from model import SiT_models, read_checkpoint
@@ -64,12 +64,17 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__, epilog=f"builtin preset (without --data-path; flags given "
                        f"on the command line win): {flags(BUILTIN)}")
     p.add_argument("--data-path", default=None, help="prepared dataset (data.py prepare); none: the builtin preset")
+    p.add_argument("--builtin", default="shapes", choices=sorted(BUILTIN_DATASETS),
+                   help="built-in dataset without --data-path: shapes (the default run) or hard (data.HardShapes, "
+                        "the lab labs/reg_vs_repa.py)")
     p.add_argument("--output-dir", default="runs", help="where run directories go")
     p.add_argument("--exp-name", default=None, help="run directory name; none: from model and data")
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
     p.add_argument("--encoder-depth", type=int, default=None, help="block the projector reads; none: per size")
-    p.add_argument("--enc-type", default="dinov2-vit-b", help="dinov2-vit-{s,b,l,g}[-reg], or stand-in")
-    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file; none: timm's hub weights")
+    p.add_argument("--enc-type", default="dinov2-vit-b",
+                   help="dinov2-vit-{s,b,l,g}[-reg], stand-in (random), or builtin-vit (needs --enc-path)")
+    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (none: timm's hub weights), or "
+                   "builtin-vit's file from `python toy.py encoder`")
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=float, default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=float, default=0.03, help="class-token loss weight (0: no class token)")
@@ -234,6 +239,16 @@ def update_ema(ema, model, decay):
 
 def build_encoder(args, dataset):
     """The frozen DINOv2 (or, in the builtin preset, a small random stand-in ViT)."""
+    if args.enc_type == "builtin-vit":  # toy.py's pretrained ViT: its patches must tile the SiT's grid
+        encoder = load_encoder("builtin-vit", resolution=dataset.resolution, weights=args.enc_path)
+        grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
+        tokens = encoder.vit.patch_embed.num_patches
+        if args.proj_coeff > 0 and tokens != grid * grid:
+            patch = encoder.config["patch_size"]
+            raise UserError(f"--enc-path {args.enc_path} gives {tokens} patch tokens and {args.model} has "
+                            f"{grid * grid}; use a SiT of patch size {patch}, or pretrain an encoder with "
+                            f"python toy.py encoder --patch-size {args.model.split('/')[1]}")
+        return encoder
     if args.enc_type != "stand-in":
         return load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
     # The stand-in's patches tile the image on the same grid as the SiT's tokens, as DINOv2's
@@ -644,12 +659,15 @@ def open_data(args, processes):
     if args.data_path is not None and not os.path.isdir(args.data_path):
         raise UserError(f"--data-path {args.data_path} is not a folder; prepare one with "
                         f"python data.py prepare --src /imagenet/train --dst {args.data_path}")
-    dataset = BuiltinShapes() if args.data_path is None else PreparedDataset(args.data_path)
+    if args.data_path is not None:
+        dataset = PreparedDataset(args.data_path)
+    else:  # BuiltinShapes is looked up here, by name, so that tests can swap it
+        dataset = BuiltinShapes() if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin]()
     if args.num_images is not None:
         if args.num_images > len(dataset):
             raise UserError(f"--num-images {args.num_images} is more than the {len(dataset)} images of the data")
         dataset = dataset.first(args.num_images)
-    data_name = "builtin" if args.data_path is None else "data"
+    data_name = "data" if args.data_path is not None else "builtin" if args.builtin == "shapes" else "builtin-hard"
     run_dir = os.path.join(args.output_dir, args.exp_name or f"{args.model.replace('/', '-')}-{data_name}")
     if processes.master:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)

@@ -51,8 +51,8 @@ class Quality:
         self.net, self.device = None, device
         if evaluator:
             import toy  # issue 18's toy evaluator (toy.py at the repository root)
-            if not os.path.exists(evaluator):
-                toy.train_evaluator(evaluator)
+            if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
+                toy.train_evaluator(evaluator, variant="shapes")
             self.net, self.toy = toy.load_evaluator(evaluator, device), toy
         self.names = ("fid", "precision", "recall", "accuracy") if self.net else ("pixel_fd", "nn_accuracy")
         self.main = self.names[0]  # the number whose minimum over training is tau_gen
@@ -72,7 +72,7 @@ class Quality:
 
 def default_evaluator():
     """The toy evaluator's file when toy.py exists (trained on first use), else None (pixel measures)."""
-    return os.path.join(REPO, "runs", "toy", "evaluator.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
+    return os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
 
 
 def mean_std(values):

@@ -1,0 +1,232 @@
+"""The built-in world's two small trained networks: the teacher REG aligns with, and the classifier
+that scores samples. Both are trained here, on the built-in images (data.py), in minutes on a CPU.
+
+  encoder    a small ViT of the DINOv2 design (encoder.BuiltinViT: class token, patch tokens,
+             final norm), pretrained on the SiT's training images; train.py loads it with
+             --enc-type builtin-vit --enc-path FILE, through the same code path as DINOv2.
+  evaluator  a small CNN classifier trained on held-out images (never the SiT's, never the
+             teacher): its pooled features play Inception's pool_3 for FID, precision and
+             recall (evaluate.py's own frechet_distance and precision_recall), and its logits
+             give the conditional accuracy (share of samples classified as the class asked for).
+
+    python toy.py encoder --out runs/toy/encoder.pt        # prints its linear-probe accuracy
+    python toy.py evaluator --out runs/toy/evaluator.pt    # prints its accuracy and sanity FIDs
+
+The images of each role come from their own seed of the dataset (SEEDS), so the SiT's training
+set, the evaluator's training set and the FID reference set never share an image.
+"""
+import os
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import evaluate
+from data import BUILTIN_DATASETS
+from encoder import BuiltinViT
+from util import ArgumentParser, run
+
+# Dataset seed of each role. "train" is the seed train.py's built-in run uses (data.BuiltinShapes()).
+SEEDS = {"train": 0, "evaluator": 1, "reference": 2}
+
+
+def images(variant="hard", role="reference", num_images=5000, resolution=32):
+    """The built-in images of one role -> (uint8 (N, 3, R, R), int64 labels (N,)); balanced classes."""
+    dataset = BUILTIN_DATASETS[variant](num_images, resolution, seed=SEEDS[role])
+    return torch.from_numpy(dataset.images), torch.from_numpy(dataset.labels).long()
+
+
+def _batches(n, batch_size, generator):
+    order = torch.randperm(n, generator=generator)
+    return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def _fit(parameters, loss_of, n, epochs, batch_size, lr, seed):
+    """AdamW with a cosine learning rate over `epochs` passes of shuffled batches; loss_of(indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
+    steps = epochs * (n // batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    for _ in range(epochs):
+        for batch in _batches(n, batch_size, generator):
+            loss = loss_of(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            schedule.step()
+
+
+# ----------------------------------------------------------------------------- the teacher
+
+def train_encoder(out_path, variant="hard", num_images=5000, resolution=32, epochs=5, batch_size=64,
+                  lr=2e-3, seed=0, probe_images=2000, **config):
+    """Pretrain encoder.BuiltinViT on the training images, save it to out_path, return the path.
+
+    Objective: supervised classification of the class token (cross-entropy through a linear head
+    that is thrown away). Why not DINO/iBOT self-distillation, DINOv2's own objective (arXiv
+    2304.07193)? What REG uses of DINOv2 is a class token whose content is the image's semantics
+    (REG 2507.01467, Sec. 3: "global semantic information"), and patch tokens that carry local
+    structure for REPA's alignment. Self-distillation reaches that only after many epochs of
+    multi-crop training, far beyond 2 minutes on a CPU; labels give it in a few epochs. The cost:
+    this teacher's class token is closer to the label than DINOv2's is, which favours the
+    conditional comparison less than the unconditional one (the README's lab section says so).
+    """
+    x, y = images(variant, "train", num_images, resolution)
+    torch.manual_seed(seed)
+    net = BuiltinViT(resolution, **config)
+    net.vit.requires_grad_(True).train()
+    head = nn.Linear(net.z_dim, len(BUILTIN_DATASETS[variant].class_names))
+
+    def loss_of(batch):
+        cls = net.vit.forward_features(net.preprocess(x[batch]))[:, 0]  # (n, z_dim) after the final norm
+        return F.cross_entropy(head(cls), y[batch])
+
+    start = time.time()
+    _fit([*net.vit.parameters(), *head.parameters()], loss_of, len(x), epochs, batch_size, lr, seed)
+    net.requires_grad_(False).eval()
+    accuracy = linear_probe(net, variant, resolution, probe_images)
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    torch.save({"kind": "builtin-vit", "config": net.config, "variant": variant, "state_dict": net.vit.state_dict(),
+                "probe_accuracy": accuracy}, out_path)
+    print(f"encoder: {time.time() - start:.0f} s of pretraining on {len(x)} {variant} images; linear probe "
+          f"on its class token: {accuracy:.3f} held-out accuracy (chance {1 / head.out_features:.2f}) -> {out_path}")
+    return out_path
+
+
+@torch.no_grad()
+def _tokens(net, x, batch_size=500):
+    return torch.cat([net(x[i:i + batch_size])[0] for i in range(0, len(x), batch_size)])  # (N, z_dim)
+
+
+def linear_probe(net, variant="hard", resolution=32, num_images=2000, epochs=30, seed=0):
+    """Held-out accuracy of a linear classifier on the frozen class token: fitted on training
+    images' tokens, tested on the reference images' (the standard probe of DINOv2, Sec. 7)."""
+    x_train, y_train = images(variant, "train", num_images, resolution)
+    x_test, y_test = images(variant, "reference", num_images, resolution)
+    f_train, f_test = _tokens(net, x_train), _tokens(net, x_test)
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+    probe = nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
+    with torch.enable_grad():
+        _fit(probe.parameters(), lambda b: F.cross_entropy(probe(f_train[b]), y_train[b]), len(f_train),
+             epochs, 100, 1e-2, seed)
+    return (probe(f_test).argmax(1) == y_test).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- the evaluator
+
+class ToyEvaluator(nn.Module):
+    """uint8 images (N, 3, R, R) -> (features (N, width * 4), logits (N, num_classes)).
+
+    Four 3x3 convolutions (three of stride 2) and a global average pool: the pooled vector is
+    the feature for FID / precision / recall, as Inception's pool_3 is for ImageNet, and a
+    linear layer on it gives the logits. No normalisation layers: no train/eval difference.
+    """
+
+    def __init__(self, num_classes=10, width=32):
+        super().__init__()
+        widths = [3, width, 2 * width, 4 * width, 4 * width]
+        self.convs = nn.ModuleList([nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1)
+                                    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:]))])
+        self.head = nn.Linear(widths[-1], num_classes)
+        self.config = dict(num_classes=num_classes, width=width)
+
+    def forward(self, images):
+        h = images.float() / 127.5 - 1  # (N, 3, R, R) in [-1, 1]
+        for conv in self.convs:
+            h = F.relu(conv(h))  # (N, w, R, R), then halved three times
+        features = h.mean(dim=(2, 3))  # (N, 4w)
+        return features, self.head(features)
+
+
+def train_evaluator(out_path, variant="hard", num_images=5000, resolution=32, epochs=4, batch_size=64,
+                    lr=3e-3, seed=0, width=32, sanity_images=2000):
+    """Train ToyEvaluator on the held-out "evaluator" images (seeded, deterministic on a CPU), save
+    it to out_path, print its sanity figures and return the path."""
+    x, y = images(variant, "evaluator", num_images, resolution)
+    torch.manual_seed(seed)
+    net = ToyEvaluator(len(BUILTIN_DATASETS[variant].class_names), width)
+    start = time.time()
+    _fit(net.parameters(), lambda b: F.cross_entropy(net(x[b])[1], y[b]), len(x), epochs, batch_size, lr, seed)
+    net.requires_grad_(False).eval()
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    torch.save({"kind": "toy-evaluator", "config": net.config, "variant": variant, "resolution": resolution,
+                "state_dict": net.state_dict()}, out_path)
+    print(f"evaluator: {time.time() - start:.0f} s of training on {len(x)} held-out {variant} images -> {out_path}")
+    for name, value in sanity_figures(net, variant, resolution, sanity_images).items():
+        print(f"  {name}: {value:.4g}")
+    return out_path
+
+
+def sanity_figures(net, variant="hard", resolution=32, n=2000):
+    """What a working evaluator must show: reference images vs the evaluator's own training images
+    score a small FID and a high accuracy; uniform noise and one repeated image a large FID."""
+    reference, labels = images(variant, "reference", n, resolution)
+    own, _ = images(variant, "evaluator", n, resolution)
+    noise = torch.randint(0, 256, reference.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    real = toy_metrics(net, own, labels, reference)
+    with warnings.catch_warnings():  # one repeated image has a zero covariance: singular, as expected
+        warnings.simplefilter("ignore")
+        repeated = toy_metrics(net, reference[:1].expand_as(reference), labels, reference)
+    return {"held-out accuracy": toy_metrics(net, reference, labels, reference)["accuracy"],
+            "FID held-out vs evaluator-training images": real["fid"],
+            "precision of the same": real["precision"], "recall of the same": real["recall"],
+            "FID uniform noise": toy_metrics(net, noise, labels, reference)["fid"],
+            "FID one repeated image": repeated["fid"]}
+
+
+def load_evaluator(path, device="cpu"):
+    """The frozen ToyEvaluator saved by train_evaluator."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    net = ToyEvaluator(**state["config"])
+    net.load_state_dict(state["state_dict"])
+    return net.requires_grad_(False).eval().to(device)
+
+
+@torch.no_grad()
+def toy_metrics(evaluator, samples, labels, reference, batch_size=500):
+    """FID, precision, recall and conditional accuracy of samples against reference images.
+
+    samples, reference: uint8 (N, 3, R, R); labels: (N,) the classes the samples were asked for
+    (accuracy = share of samples the evaluator assigns to their label). FID and precision/recall
+    are evaluate.py's frechet_distance and precision_recall (k = 3) on the pooled features.
+    """
+    device = next(evaluator.parameters()).device
+
+    def run_net(x):
+        parts = [evaluator(x[i:i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
+        return torch.cat([f for f, _ in parts]).double().cpu().numpy(), torch.cat([g for _, g in parts]).cpu()
+
+    feats, logits = run_net(samples)
+    ref_feats, _ = run_net(reference)
+    mu, sigma = evaluate.mean_cov(feats)
+    mu_ref, sigma_ref = evaluate.mean_cov(ref_feats)
+    precision, recall = evaluate.precision_recall(ref_feats, feats, device=device)
+    return {"fid": float(evaluate.frechet_distance(mu_ref, sigma_ref, mu, sigma)), "precision": precision,
+            "recall": recall, "accuracy": (logits.argmax(1) == labels.cpu()).double().mean().item()}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, default in (("encoder", "runs/toy/encoder.pt"), ("evaluator", "runs/toy/evaluator.pt")):
+        p = commands.add_parser(name, help=f"train the {name} and save it")
+        p.add_argument("--out", default=default, help="file to write")
+        p.add_argument("--variant", default="hard", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
+        p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+        if name == "encoder":
+            p.add_argument("--patch-size", type=int, default=8, help="the SiT's patch size: REPA aligns patch with patch")
+    args = parser.parse_args(argv)
+    if args.command == "encoder":
+        train_encoder(args.out, variant=args.variant, seed=args.seed, patch_size=args.patch_size)
+    else:
+        train_evaluator(args.out, variant=args.variant, seed=args.seed)
+
+
+if __name__ == "__main__":
+    run(main)
