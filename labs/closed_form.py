@@ -9,7 +9,7 @@
     they agree (cosine near 1) except near the noise end, which comes earlier the higher D.
 (b) Training with each target: train.py's built-in preset with --target stochastic and with
     --target closed-form --cf-refs M, the same settings and seeds otherwise; sample quality
-    (labs/common.py: the toy evaluator's FID when toy.py exists, else a pixel-space Frechet
+    (labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet
     distance) and memorized fraction (evaluate.memorized_fraction) of the EMA's samples over steps.
 (c) The closed-form sampler: the SDE sampler with flow.ClosedForm (v* over the whole training
     set, class-conditional) in place of the network; its memorized fraction should be about 1, and

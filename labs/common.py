@@ -39,8 +39,8 @@ def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
 
 
 class Quality:
-    """Sample quality against held-out built-in images. With issue 18's toy evaluator (toy.py and
-    a trained evaluator file), its FID, precision, recall and accuracy. Without it, two measures in
+    """Sample quality against held-out built-in images. With toy.py's evaluator (a small classifier
+    trained on other held-out images), its FID, precision, recall and accuracy. Without toy.py, two measures in
     pixel space that need no trained network: `pixel_fd`, the Frechet distance (evaluate.py's) of
     4x4-average-pooled pixels (48 numbers per image), and `nn_accuracy`, the share of samples whose
     nearest held-out image (L2 in pixels) has the label the sample was asked for."""

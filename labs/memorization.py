@@ -5,7 +5,7 @@ The same model (train.py's built-in preset: SiT-T/4 + REG with the stand-in enco
 the first n built-in images for several n, each for the same number of steps per image (steps / n).
 Every few steps the EMA's samples are measured: their memorized fraction (evaluate.memorized_fraction,
 d1 / d2 < 1/3 in pixels against the n training images) and their quality against held-out images
-(labs/common.py: the toy evaluator's FID when toy.py exists, else a pixel-space Frechet distance).
+(labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet distance).
 The paper's finding: quality is reached at tau_gen, independent of n; memorization starts later, at
 tau_mem proportional to n, so the curves of memorized fraction against steps / n fall on one another.
 
