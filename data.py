@@ -27,6 +27,7 @@ For speed benchmarks, random data in the same format (no VAE, no images needed):
 
     python data.py synthetic --dst /tmp/reg-synthetic --count 20000
 """
+import copy
 import json
 import os
 
@@ -318,6 +319,19 @@ class PreparedDataset(Dataset):
         # Workers started by spawn must reopen the memmaps, not receive pickled copies of them.
         return {**self.__dict__, "_images": None, "_moments": None}
 
+    def moments(self, indices):
+        """The posterior moments of these items, (len(indices), 2C, h, w) float32, in one read."""
+        if self._moments is None:
+            self._moments = np.load(os.path.join(self.root, "moments.npy"), mmap_mode="r")
+        rows, order = np.unique(self.rows[np.asarray(indices)], return_inverse=True)  # sorted: sequential reads
+        return torch.from_numpy(np.array(self._moments[rows])[order.reshape(-1)])
+
+    def first(self, n):
+        """A copy that serves only the first n items (training on a smaller set)."""
+        subset = copy.copy(self)
+        subset.rows, subset.labels = self.rows[:n], self.labels[:n]
+        return subset
+
 
 def _box(dx, dy):
     return np.maximum(abs(dx), abs(dy))  # distance to the centre in the max norm: squares
@@ -380,6 +394,47 @@ class BuiltinShapes(Dataset):
         image = torch.from_numpy(self.images[index])
         mean = image.float() / 127.5 - 1
         return image, torch.cat([mean, torch.zeros_like(mean)]), torch.tensor(self.labels[index], dtype=torch.int64)
+
+    def moments(self, indices):
+        """The "posterior moments" of these items, (len(indices), 6, R, R): the pixels in [-1, 1], zeros."""
+        mean = torch.from_numpy(self.images[np.asarray(indices)]).float() / 127.5 - 1
+        return torch.cat([mean, torch.zeros_like(mean)], dim=1)
+
+    def first(self, n):
+        """A copy that serves only the first n images (n // 10 or n // 10 + 1 of each class)."""
+        subset = copy.copy(self)
+        subset.images, subset.labels = self.images[:n], self.labels[:n]
+        return subset
+
+
+class ClassReferences:
+    """The references of the closed-form target (flow.closed_form_target): for each sample of a
+    batch, `count` images of its class drawn uniformly with replacement, i.e. independently from
+    the class's data, as the estimator's unbiasedness asks (Bertrand et al., arXiv 2506.03719,
+    Prop. 2; the sample itself may be drawn again). Returned as their posterior moments, so that
+    train.py draws their latents as it draws the sample's. The draw depends on (seed, step, rank)
+    alone: a resumed run draws the same references."""
+
+    def __init__(self, dataset, count, seed, rank, device="cpu", bank_bytes=2**30):
+        labels = np.asarray(dataset.labels)
+        self.members = [np.flatnonzero(labels == c) for c in range(dataset.num_classes)]  # item indices per class
+        self.dataset, self.count, self.seed, self.rank = dataset, count, seed, rank
+        # A small dataset's moments are held on the training device once (the built-in data: 123 MB),
+        # rather than read and copied there every step; a large one is read per step.
+        item_bytes = dataset.moments([0]).numel() * 4
+        small = count > 0 and len(dataset) * item_bytes <= bank_bytes
+        self.bank = dataset.moments(np.arange(len(dataset))).to(device) if small else None
+
+    def __call__(self, labels, step):
+        """labels (N,) of a batch -> moments (N, count, 2C, h, w) of its references."""
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        indices = np.stack([self.members[y][rng.integers(len(self.members[y]), size=self.count)]
+                            for y in labels.tolist()]).reshape(len(labels), self.count)  # (N, count)
+        if self.bank is not None:
+            moments = self.bank[torch.from_numpy(indices.reshape(-1)).to(self.bank.device)]
+        else:
+            moments = self.dataset.moments(indices.reshape(-1))
+        return moments.reshape(*indices.shape, *moments.shape[1:])
 
 
 class HardShapes(BuiltinShapes):

@@ -10,6 +10,7 @@ pytorch-fid publishes. Features are fp32 with TF32 off; the metric math is float
 import contextlib
 import hashlib
 import json
+import math
 import os
 import struct
 import time
@@ -535,6 +536,57 @@ def metrics(ref, sample_feats):
             "fid": frechet_distance(ref["mu"], ref["sigma"], mu, sigma),
             "sfid": frechet_distance(ref["mu_s"], ref["sigma_s"], mu_s, sigma_s),
             "precision": precision, "recall": recall}
+
+
+# ----------------------------------------------------------------------------- memorization
+
+def memorized_fraction(samples, train_set, threshold=1 / 3, block=4096, device=None):
+    """The share of samples that copy a training image: d1 / d2 < threshold, d1 and d2 the L2
+    distances to the nearest and the second-nearest training image (Bonnaire et al., arXiv
+    2505.17638, Sec. 2 and their compute_fmem.py, on raw pixels; here in whatever space the two
+    sets share: pixels for the built-in data, latents for prepared data).
+
+    samples: (N, ...) tensor or array; train_set: (K, ...) anything that slices into row blocks
+    (a tensor, a numpy array or memmap, train.TrainingLatents), read twice, `block` rows at a time,
+    so it need not fit in memory. A training image present several times counts once: d2 is the
+    distance to the nearest training point that differs from the nearest one (to rounding), so a
+    copy of a duplicated image is memorized, not a tie. float64 (TF32 or fp16 would blur the
+    distances of near copies), on the GPU when there is one. Returns a float in [0, 1].
+    """
+    if device is None:
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    def rows(a):  # a tensor, or an array (a copy: memmaps are read-only) -> (n, D) float64 on the device
+        return (a if torch.is_tensor(a) else torch.from_numpy(np.array(a))).to(device, torch.float64).flatten(1)
+
+    x = rows(samples)  # (N, D)
+    x_norm = (x * x).sum(1, keepdim=True)  # (N, 1)
+
+    def blocks():  # (B, D) blocks of the training set
+        for start in range(0, len(train_set), block):
+            yield rows(train_set[start:start + block])
+
+    def squared(a, a_norm, b):  # (n, B): |a|^2 - 2 a.b + |b|^2, clamped at 0
+        return (a_norm - 2 * a @ b.T + (b * b).sum(1)[None]).clamp(min=0)
+
+    # Pass 1: each sample's nearest training point (its squared distance d1^2 and the point itself).
+    d1 = torch.full((len(x),), math.inf, dtype=torch.float64, device=device)
+    nearest = torch.zeros_like(x)
+    for b in blocks():
+        dist = squared(x, x_norm, b)  # (N, B)
+        best, index = dist.min(1)
+        closer = best < d1
+        d1 = torch.where(closer, best, d1)
+        nearest[closer] = b[index[closer]]
+    # Pass 2: the nearest training point that is not a copy of the nearest one (d2^2).
+    near_norm = (nearest * nearest).sum(1, keepdim=True)  # (N, 1)
+    d2 = torch.full_like(d1, math.inf)
+    for b in blocks():
+        dist = squared(x, x_norm, b)
+        same = squared(nearest, near_norm, b) <= 1e-12 * (near_norm + (b * b).sum(1)[None])  # a copy of it
+        d2 = torch.minimum(d2, dist.masked_fill(same, math.inf).amin(1))
+    if torch.isinf(d2).any():
+        raise ValueError("the training set holds fewer than two distinct images; memorization needs two")
+    return (d1 < threshold ** 2 * d2).double().mean().item()
 
 
 # ----------------------------------------------------------------------------- the script

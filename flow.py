@@ -8,9 +8,11 @@ with v_cls None when there is no class token and zs None when the projector is o
 
     losses = training_loss(model, x, y, cls, patches)          # REG
     losses = training_loss(model, x, y, None, patches)         # REPA: no class token
+    losses = training_loss(model, x, y, cls, patches, target="closed-form", refs=others)
     x0, cls0 = sample_sde(model, noise, y, cls_noise, steps=250, cfg_scale=2.3, ...)
     losses = training_loss(model, x, y, cls, patches, shifts=sit.shifts(y))   # + CAR-Flow
     x0, cls0 = sample_sde(model, noise, y, cls_noise, shifts=sit.shifts(y))  # CAR-Flow: returns z0 - mu1(y)
+    x0, _ = sample_ode(ClosedForm(train_latents, train_labels), noise, y)  # the empirical optimum
 
 CAR-Flow (arXiv 2509.19300) moves the two ends of the path by learned class shifts: the source
 to eps + mu0(y) and the target to x + mu1(y) (their data-at-1 convention rewritten in ours, data
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 PATHS = ("linear", "cosine")
+TARGETS = ("stochastic", "closed-form")
 
 
 def check_path(path):
@@ -61,15 +64,26 @@ def _bcast(t, x):
 
 
 def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_schedule="uniform",
-                  proj_coeff=0.5, cls_coeff=0.03, t=None, noise=None, cls_noise=None, shifts=None):
+                  proj_coeff=0.5, cls_coeff=0.03, t=None, noise=None, cls_noise=None, shifts=None,
+                  target="stochastic", refs=None):
     """REG's loss for one batch; returns per-sample terms and their weighted total.
 
     x: (N, C, H, W) clean latents; y: (N,) labels; cls: (N, z_dim) clean DINOv2 class token, or None
     for a model without the token (SiT, REPA); patches: (N, T, z_dim) clean DINOv2 patch tokens, or
     None for a model without projector. t, noise, cls_noise may be given (tests); else drawn here.
     shifts: CAR-Flow's (mu0, mu1), each (N, C, H, W) or None (SiT.shifts(y)); None: no shifts.
+    target: "stochastic", the velocity of the drawn (x, noise) pair, or "closed-form", Bertrand et
+    al.'s estimate of the empirically optimal velocity (closed_form_target) from x itself and the
+    references refs (N, M - 1, C, H, W) of x's class; the class token keeps the stochastic target.
     Returns {"loss": scalar, "denoise": (N,), "cls": (N,) or None, "proj": (N,) or None}.
     """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
+    if (target == "closed-form") != (refs is not None):
+        raise ValueError("the closed-form target needs refs (N, M - 1, C, H, W), and only it takes them")
+    if target == "closed-form" and shifts is not None:
+        raise ValueError("the closed-form target is derived for the unshifted path; it does not take CAR-Flow's shifts")
+    closed_form = target == "closed-form"  # `target` names the target tensor from here on
     n = x.shape[0]
     if t is None:
         t = sample_time(n, time_schedule, path, device=x.device)
@@ -80,6 +94,8 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
     alpha, sigma, d_alpha, d_sigma = interpolant(_bcast(t, x), path)
     x_t = alpha * x + sigma * noise
     target = d_alpha * x + d_sigma * noise
+    if closed_form:
+        target = closed_form_target(x, noise, t, refs, path)
 
     cls_t = cls_target = None
     if cls is not None:
@@ -106,6 +122,116 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
         total = total + proj_coeff * losses["proj"].mean()
     losses["loss"] = total
     return losses
+
+
+# ----------------------------------------------------------------------------- the closed-form velocity
+#
+# Closed-form flow matching (Bertrand et al., arXiv 2506.03719, Sec. 3; their data sits at t = 1,
+# ours at t = 0, so every formula below is re-derived for x_t = alpha_t x + sigma_t eps). Take the
+# data distribution to be a finite set of references b_1..b_K, each equally likely. Given b_j,
+# x_t ~ N(alpha_t b_j, sigma_t^2 I), so the posterior over the references is
+#     lambda_j(x_t, t) = p(j | x_t) = softmax_j( -|x_t - alpha_t b_j|^2 / (2 sigma_t^2) ),
+# and given b_j the noise is eps = (x_t - alpha_t b_j) / sigma_t, so the velocity is
+#     v_j = alpha'_t b_j + sigma'_t (x_t - alpha_t b_j) / sigma_t.
+# The regression E|v_theta(x_t, t) - v|^2 is minimised by E[v | x_t] = sum_j lambda_j v_j, which
+# is linear in b_j: with the posterior mean x_hat = sum_j lambda_j b_j,
+#     v*(x_t, t) = alpha'_t x_hat + sigma'_t (x_t - alpha_t x_hat) / sigma_t,
+# on the linear path (alpha = 1 - t, sigma = t): v* = sum_j lambda_j (x_t - b_j) / t = (x_t - x_hat) / t.
+# v* is what a network of unlimited capacity trained to the end on the set converges to; its flow
+# carries every noise to one of the b_j (it memorises).
+
+def closed_form_velocity(x_t, t, refs, *, y=None, ref_labels=None, null_label=None, path="linear",
+                         block=1024):
+    """The empirically optimal velocity v*(x_t, t) over the references refs (K, C, H, W).
+
+    x_t: (N, C, H, W); t: a float or (N,) times in (0, 1]. With labels y (N,) and ref_labels (K,)
+    row i only sees the references of its class y_i (rows labelled null_label see them all: the
+    unconditional v* that classifier-free guidance asks for). The K references are visited in
+    blocks of `block` rows, so a whole training set fits: the softmax is accumulated online, in
+    log space (running maximum, rescaled sums), as in flash attention. float64 throughout, since
+    the log-weights grow as 1/t^2. Returns v* (N, C, H, W) in x_t's dtype.
+    """
+    x = x_t.flatten(1).double()  # (N, D)
+    n = x.shape[0]
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device).expand(n)
+    if (t <= 0).any():
+        raise ValueError("v* is singular at t = 0 (it is x_t's nearest reference, reached); evaluate it at t > 0")
+    if (y is None) != (ref_labels is None):
+        raise ValueError("class-conditional references need both y (the samples' labels) and ref_labels")
+    alpha, sigma, d_alpha, d_sigma = (c[:, None] for c in interpolant(t, path))  # (N, 1) each
+    top = torch.full((n, 1), -math.inf, dtype=torch.float64, device=x.device)  # running max log-weight
+    total = torch.zeros(n, 1, dtype=torch.float64, device=x.device)  # sum of exp(log-weight - top)
+    x_hat = torch.zeros_like(x)  # (N, D): sum of exp(log-weight - top) * b_j
+    for start in range(0, len(refs), block):
+        b = refs[start:start + block].to(x.device, torch.float64).flatten(1)  # (B, D)
+        # -|x_t - alpha b|^2 / (2 sigma^2) up to |x_t|^2 / (2 sigma^2), the same for every j of a row.
+        logits = (alpha * (x @ b.T) - alpha ** 2 / 2 * (b * b).sum(1)) / sigma ** 2  # (N, B)
+        if y is not None:
+            labels = ref_labels[start:start + block].to(x.device)
+            same = labels[None] == y.to(x.device)[:, None]
+            if null_label is not None:
+                same = same | (y.to(x.device) == null_label)[:, None]
+            logits = logits.masked_fill(~same, -math.inf)
+        new_top = torch.maximum(top, logits.amax(1, keepdim=True))
+        shift = torch.where(new_top > -math.inf, new_top, 0.0)  # a row with no reference yet stays at 0
+        weights = torch.exp(logits - shift)  # (N, B)
+        rescale = torch.exp(top - shift)  # what the sums so far were measured against
+        total = total * rescale + weights.sum(1, keepdim=True)
+        x_hat = x_hat * rescale + weights @ b
+        top = new_top
+    if (total == 0).any():
+        raise ValueError("a sample has no reference of its class; give references of every label in y")
+    x_hat = x_hat / total  # (N, D): E[x | x_t], the posterior mean (Tweedie)
+    v = d_alpha * x_hat + d_sigma * (x - alpha * x_hat) / sigma
+    return v.reshape(x_t.shape).to(x_t.dtype)
+
+
+def closed_form_target(x, noise, t, others, path="linear"):
+    """Bertrand et al.'s training target (arXiv 2506.03719, Prop. 2): v* over the references
+    {x} + others, the sample's own image x (N, C, H, W) and M - 1 others (N, M - 1, C, H, W) of its
+    class drawn independently from the data, for x_t = alpha_t x + sigma_t noise at times t (N,).
+
+    Unbiased: averaged over the draws of x, noise and the others, it is the full data set's v*
+    at x_t, because the own image makes the references' joint law, given x_t, that of M
+    independent data points reweighted by sum_j N(x_t; alpha b_j, sigma^2): the same lambda_j
+    then averages out to the posterior p(j | x_t). Without x in the set it is biased.
+
+    Written in the differences d_j = x - b_j, with which it is exact to rounding at every t:
+    x_t - alpha b_j = sigma noise + alpha d_j, so, relative to the own image's (d = 0),
+        log lambda_j = -(alpha / sigma) noise.d_j - (alpha / sigma)^2 |d_j|^2 / 2   (+ a constant)
+        v* = alpha' x + sigma' noise + (sigma' alpha / sigma - alpha') sum_j lambda_j d_j,
+    the stochastic target plus a correction (on the linear path: (eps - x) + sum_j lambda_j d_j / t).
+    M = 1 (no others) gives the stochastic target exactly. Returns (N, C, H, W) float32.
+    """
+    with torch.autocast(x.device.type, enabled=False):  # the log-weights need fp32, not bf16
+        x, noise = x.float(), noise.float()
+        d = (x.unsqueeze(1) - others.float()).flatten(2)  # (N, M - 1, D)
+        # t = 0 (drawn with probability 2^-24) is taken as sigma = 1e-6, where the others' weights
+        # are already 0 in fp32 unless they copy x: the limit, without the inf * 0 of sigma = 0.
+        alpha, sigma, d_alpha, d_sigma = interpolant(t.float(), path)  # (N,) each
+        ratio = (alpha / sigma.clamp(min=1e-6))[:, None]  # (N, 1)
+        logits = -ratio * torch.einsum("nmd,nd->nm", d, noise.flatten(1)) - ratio ** 2 / 2 * d.square().sum(2)
+        own = torch.zeros_like(logits[:, :1])  # the own image: d = 0, log-weight 0
+        lam = torch.softmax(torch.cat([own, logits], 1), 1)[:, 1:]  # (N, M - 1); its d adds nothing
+        correction = (d_sigma * ratio[:, 0] - d_alpha)[:, None] * torch.einsum("nm,nmd->nd", lam, d)  # (N, D)
+        return _bcast(d_alpha, x) * x + _bcast(d_sigma, x) * noise + correction.reshape(x.shape)
+
+
+class ClosedForm:
+    """v* over a whole training set, called like the SiT, model(x, t, y, cls) -> (v*, None, None),
+    so that sample_sde / sample_ode sample the empirical optimum instead of a network: every sample
+    lands on (a neighbourhood of) a training point. refs (K, C, H, W) latents; labels (K,) or None
+    for an unconditional set; the null label (classifier-free guidance) sees every reference."""
+
+    cls_token = False
+
+    def __init__(self, refs, labels=None, null_label=None, path="linear", block=1024):
+        self.refs, self.labels, self.null_label, self.path, self.block = refs, labels, null_label, path, block
+
+    def __call__(self, x, t, y, cls=None):
+        v = closed_form_velocity(x, t, self.refs, y=None if self.labels is None else y, ref_labels=self.labels,
+                                 null_label=self.null_label, path=self.path, block=self.block)
+        return v, None, None
 
 
 class Guidance:

@@ -18,6 +18,9 @@ FID while training (off by default), with evaluate.py's FID Inception and ADM's 
 Baselines: --cls-coeff 0 is REPA (no class token), and --proj-coeff 0 as well is plain SiT.
 CAR-Flow (arXiv 2509.19300), learned class shifts of the noise and/or the data, on any of them:
     python train.py --car joint        # or source, target; none (the default) is REG as released
+The closed-form target (Bertrand et al., arXiv 2506.03719) and the memorized fraction of the
+samples while training (Bonnaire et al., arXiv 2505.17638), e.g. on the first 64 built-in images:
+    python train.py --target closed-form --cf-refs 128 --num-images 64 --mem-every 100
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
 the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467, Table 2) is at
@@ -38,9 +41,9 @@ from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import evaluate
-from data import BUILTIN_DATASETS, BuiltinShapes, PreparedDataset, make_loader
+from data import BUILTIN_DATASETS, BuiltinShapes, ClassReferences, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
-from flow import sample_sde, sde_generator, start_noise, training_loss
+from flow import TARGETS, sample_sde, sde_generator, start_noise, training_loss
 from model import CAR_VARIANTS, SiT_models, read_checkpoint
 from util import ArgumentParser, UserError, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
@@ -104,12 +107,14 @@ def get_args(argv=None):
     p.add_argument("--sample-cfg-scale", type=number(float, 1), default=1.0, help="CFG of the sample grid")
     add_eval_args(p)
     add_car_args(p)
+    add_closed_form_args(p)
     args, _ = p.parse_known_args(argv)
     if args.data_path is None:
         p.set_defaults(**BUILTIN)
     args = p.parse_args(argv)
     args.preset = "builtin" if args.data_path is None else None
     check_args(p, args)
+    check_closed_form_args(p, args)
     return args
 
 
@@ -128,6 +133,27 @@ def add_car_args(p):
     g = p.add_argument_group("CAR-Flow (arXiv 2509.19300): learned class shifts of the path's ends")
     g.add_argument("--car", default="none", choices=CAR_VARIANTS,
                    help="source: noise + mu0(y); target: data + mu1(y); joint: both; none: neither")
+
+
+def add_closed_form_args(p):
+    g = p.add_argument_group("closed-form target and memorization (Bertrand et al., arXiv 2506.03719; "
+                             "Bonnaire et al., arXiv 2505.17638)")
+    g.add_argument("--target", default="stochastic", choices=TARGETS,
+                   help="regress the velocity of the drawn (image, noise) pair, or the closed-form estimate of "
+                        "the optimal velocity over --cf-refs references of the sample's class")
+    g.add_argument("--cf-refs", type=number(int, 1), default=128,
+                   help="references per sample of --target closed-form: its own image and M - 1 of its class")
+    g.add_argument("--num-images", type=number(int, 2), default=None, help="train on the first N images only; none: all")
+    g.add_argument("--mem-every", type=number(int, 0), default=0,
+                   help="steps between memorized fractions of the EMA's samples, mem_frac (0: none)")
+    g.add_argument("--mem-samples", type=number(int, 1), default=256, help="samples per memorized fraction")
+
+
+def check_closed_form_args(p, args):
+    # The closed-form target is derived for the unshifted path (flow.closed_form_target); with
+    # CAR-Flow's shifts its correction would have to be taken on the unshifted pair, which is not done.
+    if args.target == "closed-form" and args.car != "none":
+        p.error(f"--target closed-form does not combine with --car {args.car}; use one of them")
 
 
 def check_args(p, args):
@@ -150,7 +176,7 @@ def amp_dtype(precision, device):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision] if device.type == "cuda" else None
 
 
-def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_factor):
+def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_factor, refs=None):
     """One optimizer step on this process's share of the global batch.
 
     batch: (images (N, 3, R, R) uint8, VAE posterior moments (N, 2C, h, w), labels (N,)), split
@@ -158,14 +184,17 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
     wrapped by DDP and/or torch.compile; `model` holds the parameters that opt updates and that
     the EMA follows. Returns the step's metrics as 0-d tensors on the device (no host sync):
     the loss terms averaged over the micro-batches, and the gradient norm before clipping.
+    refs: for --target closed-form, the posterior moments (N, M - 1, 2C, h, w) of each sample's
+    references (data.ClassReferences), whose latents are drawn here as the sample's are.
     """
     device = next(model.parameters()).device
     accum = args.gradient_accumulation_steps
     dtype = amp_dtype(args.precision, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     metrics = {}
-    micro_batches = zip(*(t.to(device, non_blocking=True).chunk(accum) for t in batch))
-    for i, (images, moments, labels) in enumerate(micro_batches):
+    parts = batch if refs is None else (*batch, refs)
+    micro_batches = zip(*(t.to(device, non_blocking=True).chunk(accum) for t in parts))
+    for i, (images, moments, labels, *ref_moments) in enumerate(micro_batches):
         # Frozen networks: a fresh latent from the stored posterior, and DINOv2's view of the image.
         with torch.no_grad():
             mean, std = moments.chunk(2, dim=1)  # (n, C, h, w) each
@@ -173,6 +202,10 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
             with autocast:
                 cls, patches = encoder(images)  # (n, z_dim), (n, T, z_dim)
             cls, patches = cls.float(), patches.float()
+            others = None
+            if ref_moments:  # fresh posterior samples, as x: Prop. 2 wants them i.i.d. with it
+                ref_mean, ref_std = ref_moments[0].chunk(2, dim=2)  # (n, M - 1, C, h, w) each
+                others = sample_posterior(ref_mean, ref_std) * scaling_factor
         # DDP all-reduces gradients during backward; before the last micro-batch that is wasted work.
         skip_sync = i < accum - 1 and hasattr(net, "no_sync")
         with net.no_sync() if skip_sync else nullcontext():
@@ -184,7 +217,8 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
                 losses = training_loss(net, x, labels, cls if args.cls_coeff > 0 else None,
                                        patches if args.proj_coeff > 0 else None, path=args.path_type,
                                        time_schedule=args.weighting, proj_coeff=args.proj_coeff,
-                                       cls_coeff=args.cls_coeff, shifts=shifts)
+                                       cls_coeff=args.cls_coeff, shifts=shifts,
+                                       target=args.target, refs=others)
             scaler.scale(losses["loss"] / accum).backward()  # the mean over micro-batches
         for name in LOSS_TERMS:
             if losses[name] is not None:
@@ -559,6 +593,52 @@ class Evaluation:
         plot_curves(log.rows, self.names.values(), self.plot, smoothing=False)
 
 
+class TrainingLatents:
+    """The training set as latents, read a block at a time: posterior mean x scaling factor (for the
+    built-in data, the pixels in [-1, 1]). The means, not posterior samples: the question is which
+    training image a sample copies, and the mean is the image's latent."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, block):
+        mean = self.dataset.moments(np.arange(len(self.dataset))[block]).chunk(2, dim=1)[0]  # (B, C, h, w)
+        return mean * self.dataset.scaling_factor
+
+
+class Memorization:
+    """The memorized fraction of the EMA's samples (evaluate.memorized_fraction: the share whose
+    nearest training latent is closer than a third of the second nearest; Bonnaire et al., arXiv
+    2505.17638), logged as mem_frac and drawn into mem.png. The samples: --mem-samples from fixed
+    noise (flow.start_noise, labels cycling over the classes), SDE with --sample-steps, no
+    guidance; compared in latent space with the training set (pixel space for the built-in data).
+    The master process samples alone."""
+
+    def __init__(self, args, dataset, z_dim, device, run_dir):
+        self.args, self.dataset, self.z_dim, self.device = args, dataset, z_dim, device
+        self.latents, self.plot = TrainingLatents(dataset), os.path.join(run_dir, "mem.png")
+
+    def run(self, step, ema, log):
+        args, d, device = self.args, self.dataset, self.device
+        size = d.resolution // d.downsample
+        dtype = amp_dtype(args.precision, device)
+        samples = []
+        for k, start in enumerate(range(0, args.mem_samples, args.eval_batch_size)):
+            indices = range(start, min(start + args.eval_batch_size, args.mem_samples))
+            x, cls, y = (None if t is None else t.to(device) for t in start_noise(
+                indices, args.seed, (d.latent_channels, size, size), self.z_dim if ema.cls_token else None,
+                d.num_classes))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                z, _ = sample_sde(ema, x, y, cls, steps=args.sample_steps, null_label=d.num_classes,
+                                  path=args.path_type, generator=sde_generator(args.seed, k, device))
+            samples.append(z.float())
+        log.record(dict(step=step, mem_frac=evaluate.memorized_fraction(torch.cat(samples), self.latents)))
+        plot_curves(log.rows, ["mem_frac"], self.plot, smoothing=False)
+
+
 def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
     """Every process contributes its RNG state (for an exact resume); the master writes the file."""
     rngs = [None] * processes.world_size
@@ -598,6 +678,10 @@ def open_data(args, processes):
         dataset = PreparedDataset(args.data_path)
     else:  # BuiltinShapes is looked up here, by name, so that tests can swap it
         dataset = BuiltinShapes() if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin]()
+    if args.num_images is not None:
+        if args.num_images > len(dataset):
+            raise UserError(f"--num-images {args.num_images} is more than the {len(dataset)} images of the data")
+        dataset = dataset.first(args.num_images)
     data_name = "data" if args.data_path is not None else "builtin" if args.builtin == "shapes" else "builtin-hard"
     run_dir = os.path.join(args.output_dir, args.exp_name or f"{args.model.replace('/', '-')}-{data_name}")
     if processes.master:
@@ -644,6 +728,9 @@ def main(args):
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt, scaler = build_optimizer(args, model)
     grid, evaluation = build_frozen_outputs(args, dataset, encoder.z_dim, processes, run_dir)
+    references = ClassReferences(dataset, args.cf_refs - 1, args.seed, processes.rank, device) \
+        if args.target == "closed-form" else None
+    memorization = Memorization(args, dataset, encoder.z_dim, device, run_dir) if args.mem_every and master else None
 
     # Resume from the run directory's latest checkpoint, if any; then the data from that step on.
     step, ckpt = resume(args, ckpt_dir, model, ema, opt, scaler)
@@ -663,8 +750,10 @@ def main(args):
     net.train()
     last = args.max_train_steps
     while step < last:
-        metrics = train_step(next(loader), net=net, encoder=run_encoder, model=model, ema=ema, opt=opt,
-                             scaler=scaler, args=args, scaling_factor=dataset.scaling_factor)
+        batch = next(loader)
+        refs = references(batch[2], step) if references else None  # the draw of step `step`, resumed or not
+        metrics = train_step(batch, net=net, encoder=run_encoder, model=model, ema=ema, opt=opt,
+                             scaler=scaler, args=args, scaling_factor=dataset.scaling_factor, refs=refs)
         step += 1
         log.add(metrics)
         if due(step, args.log_every, last) or due(step, args.checkpoint_every, last):
@@ -679,6 +768,8 @@ def main(args):
                              config, processes)
         if evaluation and due(step, args.eval_every, last):  # after the checkpoint: it is safe whatever happens here
             evaluation.run(step, ema, log)
+        if memorization and due(step, args.mem_every, last):
+            memorization.run(step, ema, log)
         log.exclude(since=paused)
 
     if master:

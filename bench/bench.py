@@ -9,6 +9,8 @@ Global settings this script changes, visibly, here: TF32 matmuls on (train.py's 
   python bench/bench.py sample --batch 128 --steps 50        # + relative L2 to a strict fp32 run
   python bench/bench.py optim                                  # the optimizer phase alone, XL/2
   python bench/bench.py train --car joint                      # CAR-Flow's shift maps (train.py --car)
+  python bench/bench.py train --target closed-form --cf-refs 128   # Bertrand et al.'s target (references
+                               resident on the GPU: reading their moments from disk is not timed)
 Levers measured here and left out of the product (BENCHMARKS.md says why), each named by a flag:
   train --opt-phase compiled   clipping + foreach AdamW + EMA as one torch.compile'd function
                                (optim: that function against train.optimizer_step, nothing else)
@@ -96,7 +98,8 @@ def compiled_optimizer_phase(args, model, ema):
 
 def bench_train(a, dev):
     args = train.get_args(["--data-path", "unused", "--model", a.model, "--global-batch-size", str(a.batch),
-                           "--precision", a.precision, "--car", a.car])
+                           "--precision", a.precision, "--car", a.car, "--target", a.target,
+                           "--cf-refs", str(a.cf_refs)])
     encoder = load_encoder(args.enc_type, resolution=IMAGENET.resolution, weights=None).to(dev).eval()
     # Weights as at initialisation (adaLN-Zero), as the official side's bench_official.py has them.
     model, _ = train.build_model(args, IMAGENET, encoder.z_dim)
@@ -112,12 +115,13 @@ def bench_train(a, dev):
     B = a.batch
     batch = (torch.randint(0, 256, (B, 3, 256, 256), dtype=torch.uint8, device=dev),
              torch.randn(B, 8, 32, 32, device=dev), torch.randint(0, 1000, (B,), device=dev))
+    refs = torch.randn(B, a.cf_refs - 1, 8, 32, 32, device=dev) if a.target == "closed-form" else None
 
     def step():
         if a.compile_mode == "reduce-overhead":  # a new step: CUDA graph outputs of the last may be reused
             torch.compiler.cudagraph_mark_step_begin()
         return train.train_step(batch, net=net, encoder=enc, model=model, ema=ema, opt=opt, scaler=scaler,
-                                args=args, scaling_factor=IMAGENET.scaling_factor)
+                                args=args, scaling_factor=IMAGENET.scaling_factor, refs=refs)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
     step()
@@ -127,6 +131,7 @@ def bench_train(a, dev):
     print(json.dumps(dict(side="ours", what="train", model=a.model, car=a.car, batch=B, precision=a.precision,
                           params=sum(p.numel() for p in model.parameters()),
                           compile=a.compile and (a.compile_mode or "default"), opt_phase=a.opt_phase, fp8=a.fp8,
+                          target=a.target, cf_refs=a.cf_refs if a.target == "closed-form" else None,
                           img_per_s=round(B / s, 1),
                           ms_per_step=round(1e3 * s, 1), first_step_s=round(first, 1),
                           loss=round(metrics["loss"].item(), 4),
@@ -245,6 +250,8 @@ def main():
     p.add_argument("--fp8", action="store_true", help="train: torchao float8 training of the blocks")
     p.add_argument("--car", default="none", choices=["none", "source", "target", "joint"],
                    help="train: CAR-Flow's shift maps, as train.py --car")
+    p.add_argument("--target", default="stochastic", choices=["stochastic", "closed-form"], help="train: train.py's --target")
+    p.add_argument("--cf-refs", type=int, default=128, help="train: train.py's --cf-refs")
     p.add_argument("--variants", nargs="+", default=["autocast"], choices=["autocast", "autotune", "fp8", "fp8-tensor"], help="sample")
     p.add_argument("--runs", type=int, default=2, help="sample: timed runs after one warm-up run")
     p.add_argument("--long-steps", type=int, default=0, help="sample: also time one batch of this many steps")
