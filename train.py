@@ -16,6 +16,9 @@ FID while training (off by default), with evaluate.py's FID Inception and ADM's 
     python train.py ... --eval-every 50000 --eval-ref VIRTUAL_imagenet256_labeled.npz \\
         --inception pt_inception-2015-12-05-6726825d.pth --eval-samples 10000
 Baselines: --cls-coeff 0 is REPA (no class token), and --proj-coeff 0 as well is plain SiT.
+The built-in hard shapes with a pretrained toy teacher (what labs/reg_vs_repa.py runs per arm):
+    python toy.py encoder && python train.py --builtin hard --model SiT-T/8 \\
+        --enc-type builtin-vit --enc-path runs/toy/encoder-p8.pt
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
 the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467, Table 2) is at
