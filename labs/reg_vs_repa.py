@@ -246,7 +246,8 @@ def plot(results, path, width=760, panel_height=230):
             if len(points) > 1:
                 draw.polygon(band, fill=(*colour, 50))
             line = [px(x, statistics.fmean(vs)) for x, vs in points]
-            draw.line(line, fill=colour, width=2) if len(line) > 1 else None
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
             for u, v in line:
                 draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
             draw.text((width - right + 10, y_top + 14 * k), arm, fill=colour)
