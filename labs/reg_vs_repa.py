@@ -62,6 +62,8 @@ def get_args(argv=None):
     p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")
     p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["python labs/reg_vs_repa.py", *given])  # what the tables quote
     args.scale = {**SCALES[args.device], **{k: v for k, v in (("steps", args.steps), ("samples", args.samples))
                                             if v is not None}}
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -288,7 +290,7 @@ def main(args):
     device = torch.device(args.device)
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    command = "python labs/reg_vs_repa.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python labs/reg_vs_repa.py"
+    command = args.command
 
     # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
     patch = args.scale["model"].split("/")[1]

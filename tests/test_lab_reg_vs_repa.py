@@ -54,7 +54,8 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     assert received[0].builtin == "hard" and received[0].enc_type == "builtin-vit" and received[0].compile is False
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results["final"]) == set(lab.ARMS) and results["command"].startswith("python labs/reg_vs_repa.py")
+    assert set(results["final"]) == set(lab.ARMS)
+    assert results["command"] == f"python labs/reg_vs_repa.py --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir}"
     assert len(results["curves"]["REG"]) == 1 and [r["step"] for r in results["curves"]["REG"][0]] == [1, 2]
     assert results["final"]["REG"]["fid"]["seeds"] == [run[-1]["fid"] for run in results["curves"]["REG"]]
     assert results["final"]["REG uncond."].get("accuracy") is None and "top_class_share" in results["final"]["REG uncond."]
@@ -66,7 +67,8 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
 
 
 def test_unconditional_arm_trains_and_samples_with_the_null_label_only():
-    model = train.SiT_models["SiT-T/8"](input_size=32, in_channels=3, num_classes=10, class_dropout_prob=1.0)
+    model = train.SiT_models["SiT-T/8"](input_size=32, in_channels=3, num_classes=10, class_dropout_prob=1.0,
+                                         cls_token=False, projector=False)  # "SiT uncond."
     model.train()
     seen = []
     model.y_embedder.embedding_table.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].clone()))
