@@ -9,7 +9,7 @@ that scores samples. Both are trained here, on the built-in images (data.py), in
              recall (evaluate.py's own frechet_distance and precision_recall), and its logits
              give the conditional accuracy (share of samples classified as the class asked for).
 
-    python toy.py encoder --out runs/toy/encoder.pt        # prints its linear-probe accuracy
+    python toy.py encoder --out runs/toy/encoder-p8.pt     # prints its linear-probe accuracy
     python toy.py evaluator --out runs/toy/evaluator.pt    # prints its accuracy and sanity FIDs
 
 The images of each role come from their own seed of the dataset (SEEDS), so the SiT's training
@@ -62,7 +62,7 @@ def _fit(parameters, loss_of, n, epochs, batch_size, lr, seed):
 # ----------------------------------------------------------------------------- the teacher
 
 def train_encoder(out_path, variant="hard", num_images=5000, resolution=32, epochs=5, batch_size=64,
-                  lr=2e-3, seed=0, probe_images=2000, **config):
+                  lr=2e-3, seed=0, probe_images=2000, device="cpu", **config):
     """Pretrain encoder.BuiltinViT on the training images, save it to out_path, return the path.
 
     Objective: supervised classification of the class token (cross-entropy through a linear head
@@ -76,18 +76,18 @@ def train_encoder(out_path, variant="hard", num_images=5000, resolution=32, epoc
     """
     x, y = images(variant, "train", num_images, resolution)
     torch.manual_seed(seed)
-    net = BuiltinViT(resolution, **config)
+    net = BuiltinViT(resolution, **config).to(device)
     net.vit.requires_grad_(True).train()
-    head = nn.Linear(net.z_dim, len(BUILTIN_DATASETS[variant].class_names))
+    head = nn.Linear(net.z_dim, len(BUILTIN_DATASETS[variant].class_names)).to(device)
 
     def loss_of(batch):
-        cls = net.vit.forward_features(net.preprocess(x[batch]))[:, 0]  # (n, z_dim) after the final norm
-        return F.cross_entropy(head(cls), y[batch])
+        cls = net.vit.forward_features(net.preprocess(x[batch].to(device)))[:, 0]  # (n, z_dim) after the final norm
+        return F.cross_entropy(head(cls), y[batch].to(device))
 
     start = time.time()
     _fit([*net.vit.parameters(), *head.parameters()], loss_of, len(x), epochs, batch_size, lr, seed)
     net.requires_grad_(False).eval()
-    accuracy = linear_probe(net, variant, resolution, probe_images)
+    accuracy = linear_probe(net.cpu(), variant, resolution, probe_images)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     torch.save({"kind": "builtin-vit", "config": net.config, "variant": variant, "state_dict": net.vit.state_dict(),
                 "probe_accuracy": accuracy}, out_path)
@@ -214,16 +214,17 @@ def toy_metrics(evaluator, samples, labels, reference, batch_size=500):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, default in (("encoder", "runs/toy/encoder.pt"), ("evaluator", "runs/toy/evaluator.pt")):
+    for name, default in (("encoder", "runs/toy/encoder-p{patch_size}.pt"), ("evaluator", "runs/toy/evaluator.pt")):
         p = commands.add_parser(name, help=f"train the {name} and save it")
-        p.add_argument("--out", default=default, help="file to write")
+        p.add_argument("--out", default=default, help="file to write (where labs/reg_vs_repa.py looks)")
         p.add_argument("--variant", default="hard", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
         p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
         if name == "encoder":
             p.add_argument("--patch-size", type=int, default=8, help="the SiT's patch size: REPA aligns patch with patch")
     args = parser.parse_args(argv)
     if args.command == "encoder":
-        train_encoder(args.out, variant=args.variant, seed=args.seed, patch_size=args.patch_size)
+        train_encoder(args.out.format(patch_size=args.patch_size), variant=args.variant, seed=args.seed,
+                      patch_size=args.patch_size)
     else:
         train_evaluator(args.out, variant=args.variant, seed=args.seed)
 

@@ -21,6 +21,9 @@ CAR-Flow (arXiv 2509.19300), learned class shifts of the noise and/or the data, 
 The closed-form target (Bertrand et al., arXiv 2506.03719) and the memorized fraction of the
 samples while training (Bonnaire et al., arXiv 2505.17638), e.g. on the first 64 built-in images:
     python train.py --target closed-form --cf-refs 128 --num-images 64 --mem-every 100
+The built-in hard shapes with a pretrained toy teacher (what labs/reg_vs_repa.py runs per arm):
+    python toy.py encoder && python train.py --builtin hard --model SiT-T/8 \\
+        --enc-type builtin-vit --enc-path runs/toy/encoder-p8.pt
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
 the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467, Table 2) is at

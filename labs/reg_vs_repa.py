@@ -1,0 +1,342 @@
+"""Lab: does entangling one semantic token make a diffusion transformer learn faster? SiT, SiT + REPA
+and SiT + REG (REG arXiv 2507.01467, Table 1) at a scale anyone can run, on the built-in hard shapes.
+
+    python labs/reg_vs_repa.py                    # CPU: about 15 minutes on 2 cores (README, the lab)
+    python labs/reg_vs_repa.py --device cuda      # one GPU: a larger SiT, more steps and samples
+
+Every arm is `python train.py --builtin hard --enc-type builtin-vit ...` through train.main, with
+the same seeds and settings except its own flags (ARMS): --cls-coeff 0 for REPA, --cls-coeff 0
+--proj-coeff 0 for plain SiT, and --cfg-prob 1 for the unconditional arms (the label embedder then
+drops every label to the null one, so only REG's class token can carry the class). The teacher
+(encoder.BuiltinViT) and the scorer (toy.ToyEvaluator) are trained by toy.py when their files are
+missing and cached under runs/toy/. The EMA of every checkpoint is sampled with flow.sample_sde
+(no guidance, the paper's protocol) and scored by toy.toy_metrics against held-out images.
+
+Outputs in --out (default runs/labs/reg_vs_repa): results.json, results.md (mean +- std over seeds,
+with the command), curves.png (toy FID and conditional accuracy against steps, one curve per arm,
+band = min..max over seeds), steering.png (does REG's token steer the image?), and the runs.
+Rerunning the command reuses finished runs (train.py resumes from their last checkpoint).
+"""
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+import toy  # noqa: E402
+import train  # noqa: E402
+from flow import interpolant, sample_sde, sde_generator, start_noise  # noqa: E402
+from model import SiT_models, load_weights, read_checkpoint  # noqa: E402
+from util import ArgumentParser, run, save_grid  # noqa: E402
+
+# Each arm's own flags; nothing else differs between arms.
+ARMS = {
+    "SiT": ["--cls-coeff", "0", "--proj-coeff", "0"],
+    "REPA": ["--cls-coeff", "0"],
+    "REG": [],
+    "SiT uncond.": ["--cls-coeff", "0", "--proj-coeff", "0", "--cfg-prob", "1"],
+    "REG uncond.": ["--cfg-prob", "1"],
+}
+COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
+           "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189)}
+# The scale of each device: the SiT, its training and its evaluation.
+SCALES = {
+    "cpu": dict(model="SiT-T/8", steps=300, evals=3, batch=32, lr=1e-3, samples=200, sample_steps=15),
+    "cuda": dict(model="SiT-S/4", steps=1500, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40),
+}
+
+
+def get_args(argv=None):
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cpu", choices=sorted(SCALES), help="the scale (SCALES) and where it runs")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0, 1, ...)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run; none: the scale's")
+    p.add_argument("--samples", type=int, default=None, help="samples per evaluation; none: the scale's")
+    p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")
+    p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
+    args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    args.command = " ".join(["python labs/reg_vs_repa.py", *given])  # what the tables quote
+    args.scale = {**SCALES[args.device], **{k: v for k, v in (("steps", args.steps), ("samples", args.samples))
+                                            if v is not None}}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
+    if min(args.seeds, args.scale["steps"], args.scale["samples"]) < 1:
+        p.error("--seeds, --steps and --samples must be at least 1")
+    return args
+
+
+def train_argv(args, arm, seed, encoder_path):
+    """train.py's command line for one run: the common settings, then the arm's own flags."""
+    s = args.scale
+    every = max(1, s["steps"] // s["evals"])
+    return ["--builtin", "hard", "--model", s["model"], "--enc-type", "builtin-vit", "--enc-path", encoder_path,
+            "--max-train-steps", str(s["steps"]), "--checkpoint-every", str(every), "--sample-every", str(s["steps"]),
+            "--log-every", str(max(1, every // 4)), "--global-batch-size", str(s["batch"]), "--lr", str(s["lr"]),
+            "--no-compile",  # short runs: compiling (about a minute per run) would cost more than it saves
+            "--seed", str(seed), "--output-dir", os.path.join(args.out, "runs"),
+            "--exp-name", run_name(arm, seed), *ARMS[arm]]
+
+
+def run_name(arm, seed):
+    return f"{arm.replace(' ', '-').replace('.', '')}-seed{seed}"  # "REG-uncond-seed0"
+
+
+def unconditional(arm):
+    return "--cfg-prob" in ARMS[arm]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def load_ema(path, device):
+    """The EMA SiT of a train.py checkpoint, and its config."""
+    ckpt = read_checkpoint(path)
+    config = dict(ckpt["config"])
+    model = SiT_models[config.pop("model")](**{k: v for k, v in config.items() if k not in ("vae", "scaling_factor")})
+    model.load_state_dict(load_weights(ckpt))
+    return model.to(device).eval().requires_grad_(False), ckpt["config"]
+
+
+@torch.no_grad()
+def generate(model, indices, seed, unconditional, device, steps, batch_size=500, token=None):
+    """uint8 samples (N, 3, R, R) and the labels asked for (N,), from flow.start_noise (sample i's
+    noise depends on (seed, i) only; label i mod 10, or the null label for an unconditional model).
+    token: an optional nn.Module wrapper class that replaces the class token the SiT reads."""
+    size, images, labels = model.grid_size * model.patch_size, [], []
+    for k, start in enumerate(range(0, len(indices), batch_size)):
+        part = indices[start:start + batch_size]
+        x, cls, y = start_noise(part, seed, (model.in_channels, size, size), model.z_dim if model.cls_token else None,
+                                model.num_classes)
+        asked = torch.full_like(y, model.num_classes) if unconditional else y
+        net = model if token is None else token(model, cls.to(device))
+        z, _ = sample_sde(net, x.to(device), asked.to(device), None if cls is None else cls.to(device), steps=steps,
+                          null_label=model.num_classes, generator=sde_generator(seed, k, device))
+        images.append(torch.clamp(255 * (z.float() + 1) / 2, 0, 255).to(torch.uint8).cpu())  # util.to_uint8
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def evaluate_run(run_dir, unconditional, evaluator, reference, args, device):
+    """toy_metrics of the EMA at every checkpoint of a run -> [{step, fid, precision, recall, accuracy}]."""
+    rows = []
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    for name in sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")):
+        model, _ = load_ema(os.path.join(ckpt_dir, name), device)
+        samples, labels = generate(model, range(args.scale["samples"]), 10_000, unconditional, device,
+                                   args.scale["sample_steps"])
+        numbers = toy.toy_metrics(evaluator, samples, labels, reference)
+        if unconditional:  # no class was asked for: the share of the commonest class says if all are made
+            numbers["accuracy"] = None
+            numbers["top_class_share"] = torch.bincount(evaluator(samples.to(device))[1].argmax(1), minlength=10
+                                                        ).max().item() / len(samples)
+        rows.append({"step": int(name[:-3]), **numbers})
+    return rows
+
+
+# ----------------------------------------------------------------------------- does the token steer the image?
+
+class GivenToken(nn.Module):
+    """The SiT, reading a class token that we choose instead of the one it is sampling.
+
+    mode "other": at time t it reads alpha_t * c + sigma_t * n, the noisy path of another sample's
+    clean generated token c (with that sample's own start noise n): the image is made to go with
+    someone else's token. mode "noise": it reads fresh Gaussian noise at every step, a token that
+    carries nothing. flow.sample_sde treats the model as a function, so no sampler hook is needed.
+    """
+
+    def __init__(self, model, mode, clean=None, start=None, seed=0):
+        super().__init__()
+        self.model, self.mode, self.clean, self.start = model, mode, clean, start
+        self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+
+    def forward(self, x, t, y, cls):
+        if self.mode == "other":
+            alpha, sigma, _, _ = interpolant(t[:, None].to(self.clean.dtype))
+            cls = (alpha * self.clean + sigma * self.start).to(cls.dtype)
+        else:
+            cls = torch.randn(cls.shape, generator=self.generator, device=cls.device, dtype=cls.dtype)
+        return self.model(x, t, y, cls)
+
+
+@torch.no_grad()
+def steering(model, unconditional, evaluator, device, steps, n=200, shown=8):
+    """The same start noise sampled three ways: with its own token, with the next sample's token,
+    with a token re-drawn as noise at each step. -> (images of `shown` samples per way, numbers):
+    the share of images whose class (by the evaluator) follows the token's donor or stays its own."""
+    size = model.grid_size * model.patch_size
+    indices = list(range(n))
+    x, cls, y = start_noise(indices, 20_000, (model.in_channels, size, size), model.z_dim, model.num_classes)
+    x, cls = x.to(device), cls.to(device)
+    y = (torch.full_like(y, model.num_classes) if unconditional else y).to(device)
+    donor = torch.roll(torch.arange(n), -1)  # sample i is given the token of sample i + 1
+
+    def sample(net):
+        z, c = sample_sde(net, x, y, cls, steps=steps, null_label=model.num_classes,
+                          generator=sde_generator(20_000, 0, device))
+        return torch.clamp(255 * (z.float() + 1) / 2, 0, 255).to(torch.uint8), c
+
+    own, tokens = sample(model)
+    other, _ = sample(GivenToken(model, "other", clean=tokens[donor].double(), start=cls[donor].double()))
+    noise, _ = sample(GivenToken(model, "noise", seed=1))
+    classes = {name: evaluator(images)[1].argmax(1).cpu() for name, images in
+               (("own", own), ("other", other), ("noise", noise))}
+    numbers = {"other token: class of the donor": (classes["other"] == classes["own"][donor]).double().mean().item(),
+               "other token: class kept": (classes["other"] == classes["own"]).double().mean().item(),
+               "noise token: class kept": (classes["noise"] == classes["own"]).double().mean().item(),
+               "chance": 0.1}
+    return torch.stack([own[:shown], other[:shown], noise[:shown]]).cpu(), numbers
+
+
+def save_steering(rows, numbers, path, scale=3):
+    """The three rows of `steering` side by side, enlarged, each named on its left."""
+    grid_path = path + ".grid.png"
+    save_grid(rows.flatten(0, 1), grid_path, nrow=rows.shape[1])
+    grid = Image.open(grid_path)
+    os.remove(grid_path)
+    grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
+    names = ["own token", "next sample's token", "noise token"]
+    image = Image.new("RGB", (grid.width + 170, grid.height + 40), "white")
+    image.paste(grid, (170, 0))
+    draw = ImageDraw.Draw(image)
+    for i, name in enumerate(names):
+        draw.text((6, (i + 0.5) * grid.height / 3 - 6), name, fill=(0, 0, 0))
+    draw.text((6, grid.height + 8), "; ".join(f"{k} {v:.2f}" for k, v in numbers.items()), fill=(0, 0, 0))
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------- plot and tables
+
+def plot(results, path, width=760, panel_height=230):
+    """Toy FID and conditional accuracy against steps: per arm the mean over seeds (a line) and
+    the band from the smallest to the largest seed. Drawn with PIL, as train.plot_curves."""
+    panels = [("fid", "toy FID (lower is better)"), ("accuracy", "conditional accuracy (higher is better)")]
+    left, right, top, bottom = 70, 150, 26, 30
+    image = Image.new("RGB", (width, panel_height * len(panels)), "white")
+    draw = ImageDraw.Draw(image, "RGBA")
+    steps = [r["step"] for arm in results.values() for run_ in arm for r in run_]
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    for i, (key, title) in enumerate(panels):
+        y_top, y_bottom = i * panel_height + top, (i + 1) * panel_height - bottom
+        series = {arm: per_step(runs, key) for arm, runs in results.items()}
+        series = {arm: s for arm, s in series.items() if s}
+        values = [v for s in series.values() for _, vs in s for v in vs]
+        if not values:
+            continue
+        lo, hi = min(values), max(values)
+        lo, hi = (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) if hi > lo else (lo - 1e-3, hi + 1e-3)
+
+        def px(x, y):
+            return (left + (x - x0) / (x1 - x0) * (width - left - right),
+                    y_bottom - (y - lo) / (hi - lo) * (y_bottom - y_top))
+
+        for tick in train.nice_ticks(lo, hi, 4):
+            draw.line([px(x0, tick), px(x1, tick)], fill=(232, 232, 232))
+            draw.text((4, px(x0, tick)[1] - 6), f"{tick:.4g}", fill=(90, 90, 90))
+        for tick in train.nice_ticks(x0, x1, 6):
+            draw.text((px(tick, lo)[0] - 12, y_bottom + 6), f"{tick:g}", fill=(90, 90, 90))
+        draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
+        for k, (arm, points) in enumerate(series.items()):
+            colour = COLOURS[arm]
+            band = [px(x, max(vs)) for x, vs in points] + [px(x, min(vs)) for x, vs in reversed(points)]
+            if len(points) > 1:
+                draw.polygon(band, fill=(*colour, 50))
+            line = [px(x, statistics.fmean(vs)) for x, vs in points]
+            if len(line) > 1:
+                draw.line(line, fill=colour, width=2)
+            for u, v in line:
+                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
+            draw.text((width - right + 10, y_top + 14 * k), arm, fill=colour)
+        draw.text((left, y_top - 18), f"{title} against training steps; band: min..max over seeds", fill=(0, 0, 0))
+    image.save(path)
+
+
+def per_step(runs, key):
+    """[(step, [value of each seed])] for the steps every seed has; empty when the key is None."""
+    steps = sorted(set.intersection(*[{r["step"] for r in run_ if r.get(key) is not None} for run_ in runs]))
+    return [(s, [next(r[key] for r in run_ if r["step"] == s) for run_ in runs]) for s in steps]
+
+
+def summary(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": values}
+
+
+def tables(results, command):
+    """The last evaluation of every arm, mean and std over seeds -> (JSON-able dict, markdown)."""
+    keys = ("fid", "precision", "recall", "accuracy", "top_class_share")
+    final = {}
+    for arm, runs in results.items():
+        last = [run_[-1] for run_ in runs]
+        final[arm] = {"step": last[0]["step"], **{k: summary([r[k] for r in last]) for k in keys
+                                                  if last[0].get(k) is not None}}
+    lines = [f"`{command}`", "", "| arm | step | toy FID | precision | recall | cond. accuracy | top-class share |",
+             "|---|---|---|---|---|---|---|"]
+    for arm, row in final.items():
+        cells = [f"{row[k]['mean']:.3g} ± {row[k]['std']:.2g}" if k in row else "—" for k in keys]
+        lines.append(f"| {arm} | {row['step']} | " + " | ".join(cells) + " |")
+    return final, "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the phases
+
+def main(args):
+    device = torch.device(args.device)
+    start = time.time()
+    os.makedirs(args.out, exist_ok=True)
+    command = args.command
+
+    # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
+    patch = args.scale["model"].split("/")[1]
+    encoder_path = os.path.join(args.toy_dir, f"encoder-p{patch}.pt")
+    evaluator_path = os.path.join(args.toy_dir, "evaluator.pt")
+    if not os.path.isfile(encoder_path):
+        toy.train_encoder(encoder_path, patch_size=int(patch), device=device)
+    if not os.path.isfile(evaluator_path):
+        toy.train_evaluator(evaluator_path)
+    evaluator = toy.load_evaluator(evaluator_path, device)
+    reference, _ = toy.images("hard", "reference", args.scale["samples"])
+
+    # Training: every arm and seed through train.py; then the EMA of each checkpoint, scored.
+    results = {}
+    for arm in args.arms:
+        results[arm] = []
+        for seed in range(args.seeds):
+            argv = train_argv(args, arm, seed, encoder_path)
+            print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
+            train.main(train.get_args(argv))
+            run_dir = os.path.join(args.out, "runs", run_name(arm, seed))
+            results[arm].append(evaluate_run(run_dir, unconditional(arm), evaluator, reference, args, device))
+            print(f"[lab] {arm}, seed {seed}: {results[arm][-1][-1]}", flush=True)
+
+    # Does the token steer the image? REG's last EMA of seed 0, unconditional if it was trained.
+    steer = {}
+    for arm in ("REG uncond.", "REG"):
+        if arm in args.arms:
+            ckpt_dir = os.path.join(args.out, "runs", run_name(arm, 0), "checkpoints")
+            model, _ = load_ema(train.latest_checkpoint(ckpt_dir), device)
+            rows, steer = steering(model, unconditional(arm), evaluator, device, args.scale["sample_steps"])
+            steer = {"arm": arm, **steer}
+            save_steering(rows, {k: v for k, v in steer.items() if k != "arm"}, os.path.join(args.out, "steering.png"))
+            break
+
+    # Outputs: the plot, the tables, the steering numbers.
+    plot(results, os.path.join(args.out, "curves.png"))
+    final, markdown = tables(results, command)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"command": command, "scale": args.scale, "seeds": args.seeds, "final": final, "curves": results,
+                   "steering": steer, "seconds": time.time() - start}, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(markdown)
+    print(markdown + (f"\nsteering ({steer['arm']}): {steer}\n" if steer else "") +
+          f"\n{time.time() - start:.0f} s; curves.png, steering.png, results.json and results.md in {args.out}")
+
+
+if __name__ == "__main__":
+    run(main, get_args())
