@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import evaluate
 from data import BUILTIN_DATASETS
 from encoder import BuiltinViT
-from util import ArgumentParser, run
+from util import ArgumentParser, number, run
 
 # Dataset seed of each role. "train" is the seed train.py's built-in run uses (data.BuiltinShapes()).
 SEEDS = {"train": 0, "evaluator": 1, "reference": 2}
@@ -218,9 +218,9 @@ def main(argv=None):
         p = commands.add_parser(name, help=f"train the {name} and save it")
         p.add_argument("--out", default=default, help="file to write (where labs/reg_vs_repa.py looks)")
         p.add_argument("--variant", default="hard", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
-        p.add_argument("--seed", type=int, default=0, help="initialisation and batch order")
+        p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="initialisation and batch order")
         if name == "encoder":
-            p.add_argument("--patch-size", type=int, default=8, help="the SiT's patch size: REPA aligns patch with patch")
+            p.add_argument("--patch-size", type=number(int, 1), default=8, help="the SiT's patch size: REPA aligns patch with patch")
     args = parser.parse_args(argv)
     if args.command == "encoder":
         train_encoder(args.out.format(patch_size=args.patch_size), variant=args.variant, seed=args.seed,

@@ -19,7 +19,6 @@ CPU only (a 2K-parameter MLP gains nothing from a GPU); each command spreads its
     python labs/carflow_1d.py                  # -> labs/results/carflow_1d/arms.{png,json,md}
     python labs/carflow_1d.py --learn-scale    # -> labs/results/carflow_1d/collapse.{png,json,md}
 """
-import argparse
 import json
 import math
 import multiprocessing
@@ -33,6 +32,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flow import sample_ode, training_loss  # noqa: E402
+from util import ArgumentParser, number  # noqa: E402
 
 MEANS, STD = (-1.5, 1.5), 0.2  # the two classes' data, section 4.1
 ARMS = ("none", "source", "target", "joint")
@@ -228,16 +228,16 @@ def report(runs, args, seconds):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=3000, help="Adam steps per run")
-    p.add_argument("--batch", type=int, default=256, help="samples per step")
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (model and maps)")
-    p.add_argument("--seeds", type=int, default=3, help="runs per arm (seeds 0, 1, ...)")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between W1 / length evaluations")
-    p.add_argument("--eval-samples", type=int, default=2000, help="samples per class per evaluation")
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("--steps", type=number(int, 1), default=3000, help="Adam steps per run")
+    p.add_argument("--batch", type=number(int, 1), default=256, help="samples per step")
+    p.add_argument("--lr", type=number(float, above=0), default=3e-3, help="Adam learning rate (model and maps)")
+    p.add_argument("--seeds", type=number(int, 1), default=3, help="runs per arm (seeds 0, 1, ...)")
+    p.add_argument("--eval-every", type=number(int, 1), default=100, help="steps between W1 / length evaluations")
+    p.add_argument("--eval-samples", type=number(int, 2), default=2000, help="samples per class per evaluation")
     p.add_argument("--learn-scale", action="store_true",
                    help="the collapse demonstration: joint maps that learn a scale too (lab only)")
-    p.add_argument("--workers", type=int, default=6, help="runs trained at once, one process and thread each")
+    p.add_argument("--workers", type=number(int, 1), default=6, help="runs trained at once, one process and thread each")
     p.add_argument("--out", default=os.path.join("labs", "results", "carflow_1d"), help="where the outputs go")
     args = p.parse_args()
     start = time.time()

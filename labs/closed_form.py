@@ -34,7 +34,7 @@ import common  # noqa: E402
 import evaluate  # noqa: E402
 from data import BuiltinShapes, ClassReferences  # noqa: E402
 from flow import ClosedForm, closed_form_target, closed_form_velocity, sample_ode, sample_sde, start_noise  # noqa: E402
-from util import to_uint8  # noqa: E402
+from util import ArgumentParser, number, to_uint8  # noqa: E402
 
 PRESETS = {  # CPU: 15 minutes on 2 cores; cuda: 10 minutes on one H200
     "cpu": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256], gap_batch=64, train_refs=64, steps=150, batch=16,
@@ -47,10 +47,10 @@ TARGETS = ("stochastic", "closed-form")
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="picks the preset and the device")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every part")
-    p.add_argument("--num-images", type=int, default=None, help="(b): train on the first N images; none: all 5000")
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="seeds of every part")
+    p.add_argument("--num-images", type=number(int, 2), default=None, help="(b): train on the first N images; none: all 5000")
     p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "closed_form"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one training run, in its own process
     args = p.parse_args(argv)

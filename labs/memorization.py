@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from util import ArgumentParser, number  # noqa: E402
 
 PRESETS = {  # the CPU preset fits 15 minutes on 2 cores; the cuda one 10 minutes per seed on one H200
     "cpu": dict(ns=[8, 16, 32], steps_per_image=6, batch=8, evals=5, samples=48, sample_steps=16, ema=0.95,
@@ -36,11 +37,11 @@ MEM_LEVEL = 0.1  # tau_mem: when this share of the samples copies a training ima
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="picks the preset and the device")
-    p.add_argument("--ns", type=int, nargs="+", default=None, help="training-set sizes; none: the preset's")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run per (n, seed)")
-    p.add_argument("--steps-per-image", type=int, default=None, help="training steps = this x n; none: preset")
+    p.add_argument("--ns", type=number(int, 2), nargs="+", default=None, help="training-set sizes; none: the preset's")
+    p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="one run per (n, seed)")
+    p.add_argument("--steps-per-image", type=number(int, 1), default=None, help="training steps = this x n; none: preset")
     p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "memorization"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = p.parse_args(argv)

@@ -33,7 +33,7 @@ import toy  # noqa: E402
 import train  # noqa: E402
 from flow import interpolant, sample_sde, sde_generator, start_noise  # noqa: E402
 from model import SiT_models, load_weights, read_checkpoint  # noqa: E402
-from util import ArgumentParser, run, save_grid  # noqa: E402
+from util import ArgumentParser, number, run, save_grid  # noqa: E402
 
 # Each arm's own flags; nothing else differs between arms.
 ARMS = {
@@ -55,10 +55,10 @@ SCALES = {
 def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=sorted(SCALES), help="the scale (SCALES) and where it runs")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (0, 1, ...)")
+    p.add_argument("--seeds", type=number(int, 1), default=3, help="seeds per arm (0, 1, ...)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run; none: the scale's")
-    p.add_argument("--samples", type=int, default=None, help="samples per evaluation; none: the scale's")
+    p.add_argument("--steps", type=number(int, 1), default=None, help="training steps per run; none: the scale's")
+    p.add_argument("--samples", type=number(int, 4), default=None, help="samples per evaluation; none: the scale's")
     p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")
     p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
     args = p.parse_args(argv)
