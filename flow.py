@@ -81,7 +81,7 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
         raise ValueError(f"unknown target {target!r}; choose one of {TARGETS}")
     if (target == "closed-form") != (refs is not None):
         raise ValueError("the closed-form target needs refs (N, M - 1, C, H, W), and only it takes them")
-    if target == "closed-form" and shifts is not None:
+    if target == "closed-form" and any(mu is not None for mu in shifts or ()):
         raise ValueError("the closed-form target is derived for the unshifted path; it does not take CAR-Flow's shifts")
     closed_form = target == "closed-form"  # `target` names the target tensor from here on
     n = x.shape[0]

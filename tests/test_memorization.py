@@ -113,9 +113,10 @@ def test_mem_every_logs_the_memorized_fraction_of_a_small_training_set(tmp_path)
     assert os.path.exists(os.path.join(tmp_path, "run", "mem.png"))
 
 
-@pytest.mark.parametrize("flags, message", [(["--cf-refs", "0"], "--cf-refs must be at least 1"),
-                                            (["--num-images", "1"], "--num-images must be at least 2"),
-                                            (["--mem-every", "-1"], "--mem-every must be 0")])
+@pytest.mark.parametrize("flags, message", [(["--cf-refs", "0"], "argument --cf-refs: 0 is out of range; give an int in [1, inf)"),
+                                            (["--num-images", "1"], "argument --num-images: 1 is out of range; give an int in [2, inf)"),
+                                            (["--mem-every", "-1"], "argument --mem-every: -1 is out of range; give an int in [0, inf)"),
+                                            (["--target", "closed-form", "--car", "joint"], "does not combine with --car joint")])
 def test_closed_form_flag_mistakes_are_one_line_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as stop:
         train.get_args(flags)

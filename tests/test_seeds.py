@@ -54,7 +54,7 @@ def test_each_evaluation_batch_draws_its_sde_noise_from_its_own_generator(monkey
     evaluation.dataset = SimpleNamespace(resolution=4, downsample=1, latent_channels=3, num_classes=10,
                                          scaling_factor=1.0)
     evaluation.vae = SimpleNamespace(decode=lambda z: z.clamp(-1, 1))
-    evaluation.features(SimpleNamespace(cls_token=True))
+    evaluation.features(SimpleNamespace(cls_token=True, shifts=lambda y: (None, None)))  # no CAR-Flow shifts
     assert seen == [([4, 5], flow.sde_generator(9, 2, "cpu").initial_seed()),
                     ([6], flow.sde_generator(9, 3, "cpu").initial_seed())]
 
