@@ -47,7 +47,7 @@ COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
            "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189)}
 # The scale of each device: the SiT, its training and its evaluation.
 SCALES = {
-    "cpu": dict(model="SiT-T/8", steps=300, evals=3, batch=32, lr=1e-3, samples=200, sample_steps=15),
+    "cpu": dict(model="SiT-T/8", steps=240, evals=3, batch=32, lr=1e-3, samples=150, sample_steps=15),
     "cuda": dict(model="SiT-S/4", steps=1500, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40),
 }
 
