@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from PIL import Image
 import data
 import train
 from model import read_checkpoint
+from ports import free_port
 from util import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -359,16 +359,6 @@ for name, flags in json.loads(sys.argv[1]).items():
     outcomes[name] = (code, err.getvalue())
 print(json.dumps(outcomes))
 """
-
-
-def free_port():
-    """A local TCP port that is free now (bound to port 0, then released)."""
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", 0))
-        except OSError as e:
-            pytest.fail(f"cannot bind a local TCP port for the gloo processes ({e}); the DDP tests need one")
-        return s.getsockname()[1]
 
 
 def run_torchrun(args, env, cwd, attempts=3):
