@@ -15,10 +15,12 @@ missing and cached under runs/toy/. The EMA of every checkpoint is sampled with 
 Outputs in --out (default runs/labs/reg_vs_repa): results.json, results.md (mean +- std over seeds,
 with the command), curves.png (toy FID and conditional accuracy against steps, one curve per arm,
 band = min..max over seeds), steering.png (does REG's token steer the image?), and the runs.
-Rerunning the command reuses finished runs (train.py resumes from their last checkpoint).
+Rerunning the command reuses finished runs (their scores, runs/<run>.json, made with the same flags).
 """
+import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -28,7 +30,9 @@ import torch.nn as nn
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # labs/, for common.run_workers
 
+import common  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
 from flow import interpolant, sample_sde, sde_generator, start_noise  # noqa: E402
@@ -45,10 +49,13 @@ ARMS = {
 }
 COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
            "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189)}
-# The scale of each device: the SiT, its training and its evaluation.
+# The scale of each device: the SiT, its training and its evaluation, and how many runs go at once.
+# A SiT-S/4 step at batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the
+# cuda scale runs 8 runs side by side in their own processes; the 2-core CPU scale runs one at a time.
 SCALES = {
-    "cpu": dict(model="SiT-T/8", steps=240, evals=3, batch=32, lr=1e-3, samples=150, sample_steps=15),
-    "cuda": dict(model="SiT-S/4", steps=1500, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40),
+    "cpu": dict(model="SiT-T/8", steps=240, evals=3, batch=32, lr=1e-3, samples=150, sample_steps=15, parallel=1),
+    "cuda": dict(model="SiT-S/4", steps=1500, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40,
+                 parallel=8),
 }
 
 
@@ -61,11 +68,15 @@ def get_args(argv=None):
     p.add_argument("--samples", type=number(int, 4), default=None, help="samples per evaluation; none: the scale's")
     p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")
     p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
+    p.add_argument("--parallel", type=number(int, 1), default=None, help="runs at once, each in its own process; "
+                   "none: the scale's")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process (run_workers)
     args = p.parse_args(argv)
     given = sys.argv[1:] if argv is None else argv
-    args.command = " ".join(["python labs/reg_vs_repa.py", *given])  # what the tables quote
-    args.scale = {**SCALES[args.device], **{k: v for k, v in (("steps", args.steps), ("samples", args.samples))
-                                            if v is not None}}
+    args.argv = list(given)  # a worker rebuilds these args from them
+    args.command = shlex.join(["python", "labs/reg_vs_repa.py", *given])  # what the tables quote
+    args.scale = {**SCALES[args.device], **{k: v for k, v in (("steps", args.steps), ("samples", args.samples),
+                                                              ("parallel", args.parallel)) if v is not None}}
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
     if min(args.seeds, args.scale["steps"], args.scale["samples"]) < 1:
@@ -83,6 +94,11 @@ def train_argv(args, arm, seed, encoder_path):
             "--no-compile",  # short runs: compiling (about a minute per run) would cost more than it saves
             "--seed", str(seed), "--output-dir", os.path.join(args.out, "runs"),
             "--exp-name", run_name(arm, seed), *ARMS[arm]]
+
+
+def run_json(args, arm, seed):
+    """Where one run's scores go: the rows of evaluate_run and the train.py flags that made them."""
+    return os.path.join(args.out, "runs", run_name(arm, seed) + ".json")
 
 
 def run_name(arm, seed):
@@ -286,10 +302,34 @@ def tables(results, command):
 
 # ----------------------------------------------------------------------------- the phases
 
+def one_run(args, arm, seed, evaluator, reference, start):
+    """One run: train.py with the arm's flags, then every checkpoint's EMA scored -> run_json (the
+    rows and the flags); a run whose scores are there already is not redone."""
+    path = run_json(args, arm, seed)
+    if os.path.isfile(path):
+        return
+    argv = train_argv(args, arm, seed, os.path.join(args.toy_dir, f"encoder-p{args.scale['model'].split('/')[1]}.pt"))
+    print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
+    train.main(train.get_args(argv))
+    rows = evaluate_run(os.path.join(args.out, "runs", run_name(arm, seed)), unconditional(arm), evaluator, reference,
+                        args, torch.device(args.device))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"train_argv": argv, "rows": rows}, f)
+    os.replace(path + ".tmp", path)  # whole or absent: an interrupted lab redoes this run
+    print(f"[lab] {arm}, seed {seed}: {rows[-1]}", flush=True)
+
+
+def worker(args, job):
+    """`--worker JSON`: one run in its own process, with the teacher and scorer main() made."""
+    evaluator = toy.load_evaluator(os.path.join(args.toy_dir, "evaluator.pt"), torch.device(args.device))
+    reference, _ = toy.images("hard", "reference", args.scale["samples"])
+    one_run(args, job["arm"], job["seed"], evaluator, reference, time.time())
+
+
 def main(args):
     device = torch.device(args.device)
     start = time.time()
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = args.command
 
     # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
@@ -303,17 +343,25 @@ def main(args):
     evaluator = toy.load_evaluator(evaluator_path, device)
     reference, _ = toy.images("hard", "reference", args.scale["samples"])
 
-    # Training: every arm and seed through train.py; then the EMA of each checkpoint, scored.
+    # Training: every arm and seed through train.py, then the EMA of each checkpoint scored (one_run);
+    # here one after another, or `parallel` at a time in their own processes (logs: runs/<run>.json.log).
+    jobs = [dict(name=run_name(arm, seed), arm=arm, seed=seed, argv=args.argv, out_json=run_json(args, arm, seed))
+            for arm in args.arms for seed in range(args.seeds)]
+    for job in jobs:  # scores made with other flags (another --steps, say) are not reused
+        if os.path.isfile(job["out_json"]):
+            with open(job["out_json"]) as f:
+                if json.load(f)["train_argv"] != train_argv(args, job["arm"], job["seed"], encoder_path):
+                    os.remove(job["out_json"])
+    if args.scale["parallel"] == 1:
+        for job in jobs:
+            one_run(args, job["arm"], job["seed"], evaluator, reference, start)
+    else:
+        print(f"[lab] {len(jobs)} runs, {args.scale['parallel']} at a time; logs in {args.out}/runs/*.json.log", flush=True)
+        common.run_workers(os.path.abspath(__file__), jobs, args.scale["parallel"])
     results = {}
-    for arm in args.arms:
-        results[arm] = []
-        for seed in range(args.seeds):
-            argv = train_argv(args, arm, seed, encoder_path)
-            print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
-            train.main(train.get_args(argv))
-            run_dir = os.path.join(args.out, "runs", run_name(arm, seed))
-            results[arm].append(evaluate_run(run_dir, unconditional(arm), evaluator, reference, args, device))
-            print(f"[lab] {arm}, seed {seed}: {results[arm][-1][-1]}", flush=True)
+    for job in jobs:
+        with open(job["out_json"]) as f:
+            results.setdefault(job["arm"], []).append(json.load(f)["rows"])
 
     # Does the token steer the image? REG's last EMA of seed 0, unconditional if it was trained.
     steer = {}
@@ -339,4 +387,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args())
+    lab_args = get_args()
+    if lab_args.worker:  # the job names the lab's own flags: the worker rebuilds the same args from them
+        job = json.loads(lab_args.worker)
+        run(worker, get_args(job["argv"]), job)
+    else:
+        run(main, lab_args)
