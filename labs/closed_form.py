@@ -12,7 +12,7 @@
     (labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet
     distance) and memorized fraction (evaluate.memorized_fraction) of the EMA's samples over steps.
 (c) The closed-form sampler: flow.ClosedForm (v* over the whole training set, class-conditional)
-    in place of the network, with Euler on the ODE and with the SDE sampler of (b); its memorized
+    in place of the network, with Euler on the ODE as in (b) and with the SDE sampler; its memorized
     fraction should be about 1, and that of held-out real images, for scale, about 0. (The SDE's
     last, deterministic step from t = 0.04 leaves about 0.04 eps on each sample: with few steps its
     samples sit near, not on, training images, and may miss the 1/3 criterion; the ODE's do not.)
@@ -39,8 +39,8 @@ from util import ArgumentParser, number, to_uint8  # noqa: E402
 PRESETS = {  # CPU: 15 minutes on 2 cores; cuda: 10 minutes on one H200
     "cpu": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256], gap_batch=64, train_refs=64, steps=150, batch=16,
                 evals=3, samples=64, sample_steps=20, ema=0.95, parallel=1, sampler_samples=64),
-    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, steps=4000,
-                 batch=32, evals=6, samples=1000, sample_steps=30, ema=0.99, parallel=6, sampler_samples=1000),
+    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, steps=1000,
+                 batch=32, evals=5, samples=500, sample_steps=30, ema=0.99, parallel=6, sampler_samples=1000),
 }
 TIMES = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
 TARGETS = ("stochastic", "closed-form")
@@ -114,8 +114,8 @@ def worker(spec):
 
 @torch.no_grad()
 def closed_form_samples(seed, p, args, quality, mode):
-    """Samples of v* over the training set with `steps` of (b)'s evaluations: the SDE sampler as
-    there ("sde"), or Euler on the ODE ("ode"), whose last step lands exactly on E[x | x_t]."""
+    """Samples of v* over the training set with the steps of (b)'s evaluations: Euler on the ODE as
+    there ("ode"), whose last step lands exactly on E[x | x_t], or the SDE sampler ("sde")."""
     data = BuiltinShapes()
     if args.num_images:
         data = data.first(args.num_images)

@@ -10,7 +10,7 @@ The paper's finding: quality is reached at tau_gen, independent of n; memorizati
 tau_mem proportional to n, so the curves of memorized fraction against steps / n fall on one another.
 
     python labs/memorization.py                    # CPU: n = 8, 16, 32, 3 seeds
-    python labs/memorization.py --device cuda      # one H200: n = 16 .. 256, 3 seeds
+    python labs/memorization.py --device cuda      # one H200: n = 16 .. 128, 3 seeds
 Each invocation runs the (n, seed) pairs not yet done and redraws everything from all results so far.
 Definitions: tau_mem = the first step at which the memorized fraction reaches 0.1 (linear between
 evaluations; none if it never does); tau_gen = the step of the best (lowest) FID / pixel FD.
@@ -30,8 +30,8 @@ from util import ArgumentParser, number  # noqa: E402
 PRESETS = {  # the CPU preset fits 15 minutes on 2 cores, the cuda one 10 minutes on one H200 (all seeds)
     "cpu": dict(ns=[8, 16, 32], steps_per_image=6, batch=8, evals=5, samples=48, sample_steps=16, ema=0.95,
                 parallel=1),
-    "cuda": dict(ns=[16, 32, 64, 128, 256], steps_per_image=20, batch=64, evals=10, samples=256,
-                 sample_steps=30, ema=0.99, parallel=8),
+    "cuda": dict(ns=[16, 32, 64, 128], steps_per_image=20, batch=64, evals=10, samples=256,
+                 sample_steps=30, ema=0.99, parallel=12),
 }
 MEM_LEVEL = 0.1  # tau_mem: when this share of the samples copies a training image
 

@@ -51,11 +51,11 @@ COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
            "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189)}
 # The scale of each device: the SiT, its training and its evaluation, and how many runs go at once.
 # A SiT-S/4 step at batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the
-# cuda scale runs 8 runs side by side in their own processes; the 2-core CPU scale runs one at a time.
+# cuda scale runs all 15 runs side by side in their own processes; the 2-core CPU scale one at a time.
 SCALES = {
     "cpu": dict(model="SiT-T/8", steps=240, evals=3, batch=32, lr=1e-3, samples=150, sample_steps=15, parallel=1),
-    "cuda": dict(model="SiT-S/4", steps=1500, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40,
-                 parallel=8),
+    "cuda": dict(model="SiT-S/4", steps=1000, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40,
+                 parallel=15),
 }
 
 
