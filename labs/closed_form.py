@@ -5,8 +5,9 @@
     dimension D = 3 R^2), the stochastic target eps - x against the closed-form target over M
     references of the sample's class (flow.closed_form_target: its own image + M - 1 others), and
     against the full class's v* (flow.closed_form_velocity): their per-dimension squared gap (what
-    the closed form removes from the loss) and their cosine, at times t across [0, 1]. The paper:
-    they agree (cosine near 1) except near the noise end, which comes earlier the higher D.
+    the closed form removes from the loss) and their cosine, at times t across [0, 1]. Measured
+    here: they agree (cosine near 1) except towards the noise end, t -> 1, and the higher D, the
+    later they part (README, "Closed-form flow matching").
 (b) Training with each target: train.py's built-in preset with --target stochastic and with
     --target closed-form --cf-refs M, the same settings and seeds otherwise; sample quality
     (labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet

@@ -96,9 +96,27 @@ def train_argv(args, arm, seed, encoder_path):
             "--exp-name", run_name(arm, seed), *ARMS[arm]]
 
 
+def teachers(args):
+    """The cached teacher's and scorer's files: the encoder's patch is the SiT's ("SiT-S/4" -> 4)."""
+    return (os.path.join(args.toy_dir, f"encoder-p{args.scale['model'].split('/')[1]}.pt"),
+            os.path.join(args.toy_dir, "evaluator.pt"))
+
+
 def run_json(args, arm, seed):
     """Where one run's scores go: the rows of evaluate_run and the train.py flags that made them."""
     return os.path.join(args.out, "runs", run_name(arm, seed) + ".json")
+
+
+def finished(path, argv):
+    """Whether `path` holds the scores of a run that train.py made with exactly these flags; scores
+    made with other flags are removed, so that the run is redone."""
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        if json.load(f)["train_argv"] == argv:
+            return True
+    os.remove(path)
+    return False
 
 
 def run_name(arm, seed):
@@ -305,10 +323,9 @@ def tables(results, command):
 def one_run(args, arm, seed, evaluator, reference, start):
     """One run: train.py with the arm's flags, then every checkpoint's EMA scored -> run_json (the
     rows and the flags); a run whose scores are there already is not redone."""
-    path = run_json(args, arm, seed)
-    if os.path.isfile(path):
+    path, argv = run_json(args, arm, seed), train_argv(args, arm, seed, teachers(args)[0])
+    if finished(path, argv):
         return
-    argv = train_argv(args, arm, seed, os.path.join(args.toy_dir, f"encoder-p{args.scale['model'].split('/')[1]}.pt"))
     print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
     train.main(train.get_args(argv))
     rows = evaluate_run(os.path.join(args.out, "runs", run_name(arm, seed)), unconditional(arm), evaluator, reference,
@@ -321,7 +338,7 @@ def one_run(args, arm, seed, evaluator, reference, start):
 
 def worker(args, job):
     """`--worker JSON`: one run in its own process, with the teacher and scorer main() made."""
-    evaluator = toy.load_evaluator(os.path.join(args.toy_dir, "evaluator.pt"), torch.device(args.device))
+    evaluator = toy.load_evaluator(teachers(args)[1], torch.device(args.device))
     reference, _ = toy.images("hard", "reference", args.scale["samples"])
     one_run(args, job["arm"], job["seed"], evaluator, reference, time.time())
 
@@ -333,11 +350,9 @@ def main(args):
     command = args.command
 
     # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
-    patch = args.scale["model"].split("/")[1]
-    encoder_path = os.path.join(args.toy_dir, f"encoder-p{patch}.pt")
-    evaluator_path = os.path.join(args.toy_dir, "evaluator.pt")
+    encoder_path, evaluator_path = teachers(args)
     if not os.path.isfile(encoder_path):
-        toy.train_encoder(encoder_path, patch_size=int(patch), device=device)
+        toy.train_encoder(encoder_path, patch_size=int(args.scale["model"].split("/")[1]), device=device)
     if not os.path.isfile(evaluator_path):
         toy.train_evaluator(evaluator_path)
     evaluator = toy.load_evaluator(evaluator_path, device)
@@ -347,11 +362,8 @@ def main(args):
     # here one after another, or `parallel` at a time in their own processes (logs: runs/<run>.json.log).
     jobs = [dict(name=run_name(arm, seed), arm=arm, seed=seed, argv=args.argv, out_json=run_json(args, arm, seed))
             for arm in args.arms for seed in range(args.seeds)]
-    for job in jobs:  # scores made with other flags (another --steps, say) are not reused
-        if os.path.isfile(job["out_json"]):
-            with open(job["out_json"]) as f:
-                if json.load(f)["train_argv"] != train_argv(args, job["arm"], job["seed"], encoder_path):
-                    os.remove(job["out_json"])
+    for job in jobs:  # scores made with other flags (another --steps, say) are dropped, their runs redone
+        finished(job["out_json"], train_argv(args, job["arm"], job["seed"], encoder_path))
     if args.scale["parallel"] == 1:
         for job in jobs:
             one_run(args, job["arm"], job["seed"], evaluator, reference, start)

@@ -65,6 +65,12 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     for name in ("curves.png", "steering.png"):
         assert (out / name).stat().st_size > 1000
 
+    # The same command again trains nothing: each run's scores were kept with their flags.
+    received.clear()
+    lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
+                           "--toy-dir", str(toy_dir)]))
+    assert received == [] and json.loads((out / "results.json").read_text())["final"] == results["final"]
+
 
 def test_unconditional_arm_trains_and_samples_with_the_null_label_only():
     model = train.SiT_models["SiT-T/8"](input_size=32, in_channels=3, num_classes=10, class_dropout_prob=1.0,

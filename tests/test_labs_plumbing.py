@@ -1,0 +1,103 @@
+"""The labs' shared plumbing (labs/common.py) and their summaries, without training: running runs in
+their own processes, reusing finished ones, the sampler the labs measure with, and the memorization
+clock's tau_mem and fit on constructed curves."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "labs"))
+import common  # noqa: E402
+
+
+def load_lab(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "labs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+WORKER = """import json, sys
+job = json.loads(sys.argv[2])
+if job["fail"]:
+    sys.exit("planted failure")
+with open(job["out_json"], "w") as f:
+    json.dump({"name": job["name"]}, f)
+"""
+
+
+def test_run_workers_runs_each_job_once_skips_finished_ones_and_names_the_log_of_a_failure(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    jobs = [dict(name=f"job{i}", fail=False, out_json=str(tmp_path / f"job{i}.json")) for i in range(3)]
+    (tmp_path / "job1.json").write_text(json.dumps({"name": "done before"}))
+    common.run_workers(str(script), jobs, parallel=2)
+    assert [json.loads((tmp_path / f"job{i}.json").read_text())["name"] for i in range(3)] == ["job0", "done before", "job2"]
+    assert not (tmp_path / "job1.json.log").exists()  # a finished job is not started again
+
+    bad = dict(name="bad", fail=True, out_json=str(tmp_path / "bad.json"))
+    with pytest.raises(RuntimeError, match="bad failed; see .*bad.json.log"):
+        common.run_workers(str(script), [bad], parallel=1)
+    assert "planted failure" in (tmp_path / "bad.json.log").read_text()
+
+
+def test_the_labs_sample_checkpoints_with_euler_on_the_ode(monkeypatch):
+    """The memorized fraction needs samples that can land on training images: the SDE's last step
+    leaves noise (labs/closed_form.py (c)), so sample_checkpoint must ask sample.py for the ODE."""
+    seen = []
+
+    def stop(argv):
+        seen.append(argv)
+        raise StopIteration
+
+    monkeypatch.setattr(common.sample, "get_args", stop)
+    with pytest.raises(StopIteration):
+        common.sample_checkpoint("run.pt", num=4, steps=7)
+    argv = seen[0]
+    assert argv[argv.index("--mode") + 1] == "ode" and "--heun" not in argv
+    assert argv[argv.index("--num-steps") + 1] == "7" and argv[argv.index("--cfg-scale") + 1] == "1"
+
+
+def test_reg_vs_repa_reuses_scores_only_when_made_with_the_same_train_flags(tmp_path):
+    lab = load_lab("reg_vs_repa")
+    path = tmp_path / "REG-seed0.json"
+    assert not lab.finished(str(path), ["--seed", "0"])
+    path.write_text(json.dumps({"train_argv": ["--seed", "0", "--max-train-steps", "100"], "rows": []}))
+    assert lab.finished(str(path), ["--seed", "0", "--max-train-steps", "100"]) and path.exists()
+    assert not lab.finished(str(path), ["--seed", "0", "--max-train-steps", "200"])
+    assert not path.exists()  # stale scores are dropped, so the run is redone
+
+
+def test_a_worker_rebuilds_the_labs_own_arguments():
+    lab = load_lab("reg_vs_repa")
+    given = ["--seeds", "2", "--steps", "5", "--arms", "REG", "SiT uncond.", "--parallel", "3"]
+    args = lab.get_args(given)
+    again = lab.get_args(args.argv)
+    assert vars(again) == vars(args) and args.scale["parallel"] == 3
+    assert args.command == "python labs/reg_vs_repa.py --seeds 2 --steps 5 --arms REG 'SiT uncond.' --parallel 3"
+
+
+def test_memorization_tau_mem_is_the_linear_crossing_and_the_fit_recovers_a_clock_proportional_to_n():
+    lab = load_lab("memorization")
+    rows = [{"step": 100, "mem_frac": 0.0}, {"step": 200, "mem_frac": 0.05}, {"step": 300, "mem_frac": 0.25}]
+    assert lab.crossing(rows, "mem_frac", 0.1) == pytest.approx(225.0)  # between 200 (0.05) and 300 (0.25)
+    assert lab.crossing(rows, "mem_frac", 0.5) is None
+    assert lab.crossing([{"step": 50, "mem_frac": 0.4}], "mem_frac", 0.1) == pytest.approx(12.5)  # from (0, 0)
+
+    # Constructed runs whose memorized fraction rises from 0 at 40 n steps by 0.002 / n per step:
+    # tau_mem = 40 n + 0.1 / (0.002 / n) = 90 n exactly; quality is best at step 300 whatever n.
+    runs = {}
+    for n in (8, 16, 32):
+        for seed in (0, 1):
+            steps = range(10 * n, 200 * n + 1, 10 * n)
+            runs[(n, seed)] = [{"step": s, "mem_frac": max(0.0, min(1.0, (s - 40 * n) * 0.002 / n)),
+                                "fid": abs(s - 300) + 1.0} for s in steps]
+    table, fit, key = lab.summarise(None, runs)
+    assert key == "fid"
+    assert [row["tau_mem"] for row in table] == pytest.approx([90 * 8, 90 * 16, 90 * 32])
+    assert fit["slope_steps_per_image"] == pytest.approx(90) and fit["loglog_exponent"] == pytest.approx(1)
+    assert fit["intercept"] == pytest.approx(0, abs=1e-6) and fit["points"] == 6
+    assert [row["runs_memorizing"] for row in table] == ["2/2"] * 3
