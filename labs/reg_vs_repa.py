@@ -46,9 +46,13 @@ ARMS = {
     "REG": [],
     "SiT uncond.": ["--cls-coeff", "0", "--proj-coeff", "0", "--cfg-prob", "1"],
     "REG uncond.": ["--cfg-prob", "1"],
+    "REPA uncond.": ["--cls-coeff", "0", "--cfg-prob", "1"],
 }
+# The arms a plain command runs; "REPA uncond." (--arms) separates, without labels, what REPA's
+# alignment gives from what REG's token adds, at three more runs.
+DEFAULT_ARMS = ["SiT", "REPA", "REG", "SiT uncond.", "REG uncond."]
 COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
-           "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189)}
+           "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189), "REPA uncond.": (23, 190, 207)}
 # The scale of each device: the SiT, its training and its evaluation, and how many runs go at once.
 # A SiT-S/4 step at batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the
 # cuda scale runs all 15 runs side by side in their own processes; the 2-core CPU scale one at a time.
@@ -63,7 +67,7 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=sorted(SCALES), help="the scale (SCALES) and where it runs")
     p.add_argument("--seeds", type=number(int, 1), default=3, help="seeds per arm (0, 1, ...)")
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), help="which arms")
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), help="which arms")
     p.add_argument("--steps", type=number(int, 1), default=None, help="training steps per run; none: the scale's")
     p.add_argument("--samples", type=number(int, 4), default=None, help="samples per evaluation; none: the scale's")
     p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")

@@ -42,11 +42,11 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
                            "--toy-dir", str(toy_dir)]))
 
-    assert [(a.exp_name, a.seed) for a in received] == [(lab.run_name(arm, 0), 0) for arm in lab.ARMS]
+    assert [(a.exp_name, a.seed) for a in received] == [(lab.run_name(arm, 0), 0) for arm in lab.DEFAULT_ARMS]
     flags = {"cls_coeff": {"SiT": 0, "REPA": 0, "REG": 0.03, "SiT uncond.": 0, "REG uncond.": 0.03},
              "proj_coeff": {"SiT": 0, "REPA": 0.5, "REG": 0.5, "SiT uncond.": 0, "REG uncond.": 0.5},
              "cfg_prob": {"SiT": 0.1, "REPA": 0.1, "REG": 0.1, "SiT uncond.": 1, "REG uncond.": 1}}
-    for args, arm in zip(received, lab.ARMS):
+    for args, arm in zip(received, lab.DEFAULT_ARMS):
         for name, by_arm in flags.items():
             assert getattr(args, name) == by_arm[arm], (arm, name)
         common = {k: v for k, v in vars(args).items() if k not in (*flags, "exp_name", "seed")}
@@ -54,7 +54,7 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     assert received[0].builtin == "hard" and received[0].enc_type == "builtin-vit" and received[0].compile is False
 
     results = json.loads((out / "results.json").read_text())
-    assert set(results["final"]) == set(lab.ARMS)
+    assert set(results["final"]) == set(lab.DEFAULT_ARMS)
     assert results["command"] == f"python labs/reg_vs_repa.py --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir}"
     assert len(results["curves"]["REG"]) == 1 and [r["step"] for r in results["curves"]["REG"][0]] == [1, 2]
     assert results["final"]["REG"]["fid"]["seeds"] == [run[-1]["fid"] for run in results["curves"]["REG"]]

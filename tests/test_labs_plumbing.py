@@ -101,3 +101,16 @@ def test_memorization_tau_mem_is_the_linear_crossing_and_the_fit_recovers_a_cloc
     assert fit["slope_steps_per_image"] == pytest.approx(90) and fit["loglog_exponent"] == pytest.approx(1)
     assert fit["intercept"] == pytest.approx(0, abs=1e-6) and fit["points"] == 6
     assert [row["runs_memorizing"] for row in table] == ["2/2"] * 3
+
+
+def test_the_optional_unconditional_repa_arm_differs_from_the_others_only_in_its_own_flags():
+    import train
+    lab = load_lab("reg_vs_repa")
+    args = lab.get_args(["--arms", "REPA uncond."])
+    assert args.arms == ["REPA uncond."] and "REPA uncond." not in lab.DEFAULT_ARMS
+    parsed = {arm: train.get_args(lab.train_argv(args, arm, 0, "enc.pt")) for arm in ("REPA", "REPA uncond.", "REG uncond.")}
+    assert (parsed["REPA uncond."].cls_coeff, parsed["REPA uncond."].proj_coeff, parsed["REPA uncond."].cfg_prob) == (0, 0.5, 1)
+    assert lab.unconditional("REPA uncond.") and not lab.unconditional("REPA")
+    for other in ("REPA", "REG uncond."):  # one flag apart: the labels, or the class token's loss
+        differ = {k for k, v in vars(parsed["REPA uncond."]).items() if vars(parsed[other])[k] != v}
+        assert differ == ({"cfg_prob", "exp_name"} if other == "REPA" else {"cls_coeff", "exp_name"})
