@@ -377,15 +377,26 @@ class BuiltinShapes(Dataset):
         cx, cy = 0.5 + rng.uniform(-0.1, 0.1, (2, n, 1, 1))
         s = rng.uniform(0.24, 0.32, (n, 1, 1))  # half-size, in image widths
         v, u = (np.mgrid[:resolution, :resolution] + 0.5) / resolution  # (H, W) row and column coordinates
-        mask = np.zeros((n, resolution, resolution), dtype=bool)
-        for label, (_, _, shape) in enumerate(SHAPES):
-            members = self.labels == label
-            mask[members] = shape(u - cx[members], v - cy[members], s[members])
+        mask = self._masks(u - cx, v - cy, s)
         colour = np.array([c for _, c, _ in SHAPES], np.float32)[self.labels] * rng.uniform(0.75, 1, (n, 1))  # (n, 3)
         background = rng.uniform(0, 0.15, (n, 3, 1, 1)).astype(np.float32)
         background = background + 0.02 * rng.standard_normal((n, 3, resolution, resolution), dtype=np.float32)
-        image = np.where(mask[:, None], colour.astype(np.float32)[:, :, None, None], background)  # (n, 3, H, W)
-        self.images = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round to nearest
+        self.images = self._paint(mask, colour.astype(np.float32), background)
+
+    def _masks(self, dx, dy, s):
+        """Each image's shape, of its label's class: (n, H, W) bool from the offsets dx, dy to the
+        shape's centre in its own frame ((n, H, W) each) and the half-sizes s ((n, 1, 1))."""
+        mask = np.zeros(dx.shape, dtype=bool)
+        for label, (_, _, shape) in enumerate(SHAPES):
+            members = self.labels == label
+            mask[members] = shape(dx[members], dy[members], s[members])
+        return mask
+
+    @staticmethod
+    def _paint(mask, colour, background):
+        """uint8 images (n, 3, H, W): colour (n, 3) where mask (n, H, W), background elsewhere; in [0, 1]."""
+        image = np.where(mask[:, None], colour[:, :, None, None], background)
+        return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round to nearest
 
     def __len__(self):
         return len(self.images)
@@ -463,10 +474,7 @@ class HardShapes(BuiltinShapes):
         # The shape's own frame: offsets to its centre, rotated by -angle.
         dx = np.cos(angle) * (u - cx) + np.sin(angle) * (v - cy)  # (n, H, W)
         dy = -np.sin(angle) * (u - cx) + np.cos(angle) * (v - cy)
-        mask = np.zeros((n, resolution, resolution), dtype=bool)
-        for label, (_, _, shape) in enumerate(SHAPES):
-            members = self.labels == label
-            mask[members] = shape(dx[members], dy[members], s[members])
+        mask = self._masks(dx, dy, s)
         # Foreground: a random hue and saturation at brightness 0.65..1; background: at most 0.4.
         colour = rng.uniform(0, 1, (n, 3))
         colour = colour / colour.max(axis=1, keepdims=True) * rng.uniform(0.65, 1, (n, 1))  # (n, 3)
@@ -476,8 +484,7 @@ class HardShapes(BuiltinShapes):
         dark, light = rng.uniform(0, 0.4, (2, n, 3, 1, 1))
         background = dark + (light - dark) * grating[:, None]  # (n, 3, H, W)
         background = background + 0.03 * rng.standard_normal((n, 3, resolution, resolution))
-        image = np.where(mask[:, None], colour[:, :, None, None], background)  # (n, 3, H, W)
-        self.images = np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)  # + 0.5: round to nearest
+        self.images = self._paint(mask, colour, background)
 
 
 # Datasets of the offline run, by train.py's --builtin name.
