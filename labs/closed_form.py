@@ -55,8 +55,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "closed_form"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one training run, in its own process
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
+    common.require_gpu(p, args.device)
     args.preset = PRESETS[args.device]
     return args
 

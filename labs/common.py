@@ -78,6 +78,12 @@ def default_evaluator():
     return os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
 
 
+def require_gpu(parser, device):
+    """A lab's `--device cuda` on a machine where torch sees no GPU: one line, exit 2 (not runs on the CPU)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
+
+
 def mean_std(values):
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:

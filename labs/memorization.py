@@ -22,7 +22,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -46,8 +45,7 @@ def get_args(argv=None):
     p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "memorization"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = p.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
+    common.require_gpu(p, args.device)
     preset = dict(PRESETS[args.device])
     preset["ns"] = args.ns or preset["ns"]
     preset["steps_per_image"] = args.steps_per_image or preset["steps_per_image"]

@@ -81,8 +81,7 @@ def get_args(argv=None):
     args.command = shlex.join(["python", "labs/reg_vs_repa.py", *given])  # what the tables quote
     args.scale = {**SCALES[args.device], **{k: v for k, v in (("steps", args.steps), ("samples", args.samples),
                                                               ("parallel", args.parallel)) if v is not None}}
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no GPU; run on a GPU machine or drop --device")
+    common.require_gpu(p, args.device)
     if min(args.seeds, args.scale["steps"], args.scale["samples"]) < 1:
         p.error("--seeds, --steps and --samples must be at least 1")
     return args
@@ -100,10 +99,14 @@ def train_argv(args, arm, seed, encoder_path):
             "--exp-name", run_name(arm, seed), *ARMS[arm]]
 
 
+def patch_size(args):
+    """The SiT's patch ("SiT-S/4" -> 4), which the teacher's patches must match."""
+    return int(args.scale["model"].split("/")[1])
+
+
 def teachers(args):
-    """The cached teacher's and scorer's files: the encoder's patch is the SiT's ("SiT-S/4" -> 4)."""
-    return (os.path.join(args.toy_dir, f"encoder-p{args.scale['model'].split('/')[1]}.pt"),
-            os.path.join(args.toy_dir, "evaluator.pt"))
+    """The cached teacher's and scorer's files."""
+    return os.path.join(args.toy_dir, f"encoder-p{patch_size(args)}.pt"), os.path.join(args.toy_dir, "evaluator.pt")
 
 
 def run_json(args, arm, seed):
@@ -356,7 +359,7 @@ def main(args):
     # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
     encoder_path, evaluator_path = teachers(args)
     if not os.path.isfile(encoder_path):
-        toy.train_encoder(encoder_path, patch_size=int(args.scale["model"].split("/")[1]), device=device)
+        toy.train_encoder(encoder_path, patch_size=patch_size(args), device=device)
     if not os.path.isfile(evaluator_path):
         toy.train_evaluator(evaluator_path)
     evaluator = toy.load_evaluator(evaluator_path, device)
@@ -366,7 +369,8 @@ def main(args):
     # here one after another, or `parallel` at a time in their own processes (logs: runs/<run>.json.log).
     jobs = [dict(name=run_name(arm, seed), arm=arm, seed=seed, argv=args.argv, out_json=run_json(args, arm, seed))
             for arm in args.arms for seed in range(args.seeds)]
-    for job in jobs:  # scores made with other flags (another --steps, say) are dropped, their runs redone
+    for job in jobs:  # scores made with other flags (another --steps, say) are dropped here, since
+        # run_workers skips every run whose file exists; their runs are redone
         finished(job["out_json"], train_argv(args, job["arm"], job["seed"], encoder_path))
     if args.scale["parallel"] == 1:
         for job in jobs:

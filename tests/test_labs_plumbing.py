@@ -119,7 +119,7 @@ def test_the_optional_unconditional_repa_arm_differs_from_the_others_only_in_its
 @pytest.mark.parametrize("name", ["reg_vs_repa", "closed_form", "memorization"])
 def test_a_cuda_lab_without_a_gpu_is_a_one_line_error(name, monkeypatch, capsys):
     lab = load_lab(name)
-    monkeypatch.setattr(lab.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(common.torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:
         lab.get_args(["--device", "cuda"])
     assert exit_.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
