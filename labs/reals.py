@@ -182,8 +182,9 @@ def run_job(args, latent, arm, seed):
         samples, labels = sample_run(os.path.join(ckpt_dir, name), args.scale["samples"], args.scale["sample_steps"],
                                      device)
         rows.append({"step": int(name[:-3]), **toy.toy_metrics(evaluator, samples, labels, reference)})
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # the idle cost of a run: its CPU seconds
     with open(path + ".tmp", "w") as f:
-        json.dump({"train_argv": argv, "rows": rows}, f)
+        json.dump({"train_argv": argv, "rows": rows, "cpu_seconds": usage.ru_utime + usage.ru_stime}, f)
     os.replace(path + ".tmp", path)  # whole or absent: an interrupted lab redoes this run
 
 
@@ -255,6 +256,8 @@ def main(args):
     evaluator = toy.load_evaluator(evaluator_path, device)
 
     # The two VAEs (side by side), then the training images prepared through each.
+    for latent in LATENTS:
+        os.makedirs(vae_dir(args, latent), exist_ok=True)
     jobs = [dict(kind="vae", latent=latent, name=f"vae-{latent}", argv=args.argv,
                  out_json=os.path.join(vae_dir(args, latent), "toy_vae.json")) for latent in LATENTS]
     common.run_workers(os.path.abspath(__file__), jobs, min(2, args.scale["parallel"]))
@@ -271,6 +274,7 @@ def main(args):
             with open(job["out_json"]) as f:
                 if json.load(f)["train_argv"] != train_argv(args, job["latent"], job["arm"], job["seed"]):
                     os.remove(job["out_json"])
+    trained = sum(not os.path.isfile(job["out_json"]) for job in jobs)
     common.run_workers(os.path.abspath(__file__), jobs, args.scale["parallel"])
     results = {}
     for job in jobs:
@@ -281,6 +285,12 @@ def main(args):
     seconds, load = time.time() - start, (load_before, os.getloadavg())
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage)
+    old = os.path.join(args.out, "results.json")
+    if not trained and os.path.isfile(old):  # a rerun that only redrew: keep the timing of the run that trained
+        with open(old) as f:
+            timing = json.load(f)
+        seconds, cpu_seconds, load = timing["seconds"], timing["cpu_seconds"], (timing["loadavg_before"],
+                                                                                timing["loadavg_after"])
     plot(results, os.path.join(args.out, "curves.png"))
     final, markdown = tables(vaes, results, args, seconds, cpu_seconds, (load[0][0], load[1][0]))
     with open(os.path.join(args.out, "results.json"), "w") as f:
