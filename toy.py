@@ -13,6 +13,9 @@ that scores samples. Both are trained here, on the built-in images (data.py), in
     python toy.py evaluator --out runs/toy/evaluator.pt    # prints its accuracy and sanity FIDs
     python toy.py vae --out runs/toy/vae-aligned           # the toy ReaLS VAE (--align-coeff 0: plain)
 
+A third, for the ReaLS lab (labs/reals.py): `python toy.py vae`, a toy KL-VAE of the SD-VAE design,
+plain or with its latents aligned to the teacher's tokens (ReaLS, arXiv 2502.00359; its section below).
+
 The images of each role come from their own seed of the dataset (SEEDS), so the SiT's training
 set, the evaluator's training set and the FID reference set never share an image.
 """
