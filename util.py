@@ -129,6 +129,20 @@ def barrier():
         dist.barrier()
 
 
+def all_mean(values, world_size):
+    """{name: 0-d tensor} -> {name: float}, averaged over processes (one all-reduce, one host sync)."""
+    stacked = torch.stack([values[k] for k in sorted(values)])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    return dict(zip(sorted(values), stacked.tolist()))
+
+
+def amp_dtype(precision, device):
+    """train.py's autocast dtype: bf16 or fp16 on GPU; none on CPU, where autocast is slower than fp32 here."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision] if device.type == "cuda" else None
+
+
 def cleanup_processes():
     if distributed():
         dist.destroy_process_group()

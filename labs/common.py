@@ -11,7 +11,6 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -20,6 +19,7 @@ import sample  # noqa: E402
 from data import BuiltinShapes  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from model import read_checkpoint  # noqa: E402
+from plot import line_plot  # noqa: E402
 
 # The held-out images that sample quality is measured against: the built-in data of another seed
 # (train.py trains on seed 0), so no training image is among them.
@@ -93,54 +93,17 @@ def mean_std(values):
 
 # ----------------------------------------------------------------------------- plots and tables
 
-COLOURS = [(31, 80, 180), (200, 60, 40), (40, 150, 60), (150, 60, 170), (230, 140, 20), (20, 160, 170),
-           (120, 120, 120), (0, 0, 0)]
+def line_panels(panels, path):
+    """plot.line_plot of the labs' summaries, two panels a row. panels: dicts with title, xlabel,
+    log_x (optional) and series: [(name, [(x, mean, std or None), ...])], a mean of None skipped;
+    each series a line with dots and the band mean -/+ std."""
+    def series(name, points):
+        points = [(x, m, s or 0.0) for x, m, s in points if m is not None]
+        return dict(name=name, x=[x for x, _, _ in points], y=[m for _, m, _ in points], dots=True,
+                    band=([m - s for _, m, s in points], [m + s for _, m, s in points]))
 
-
-def line_panels(panels, path, width=640, height=300, columns=2):
-    """Several panels of lines, drawn with PIL. panels: dicts with title, xlabel, log_x (bool) and
-    series: [(name, [(x, y, spread or None), ...])]; a spread is drawn as a vertical bar."""
-    rows = -(-len(panels) // columns)
-    image = Image.new("RGB", (width * columns, height * rows), "white")
-    draw = ImageDraw.Draw(image)
-    for k, panel in enumerate(panels):
-        ox, oy = (k % columns) * width, (k // columns) * height
-        left, right, top, bottom = ox + 60, ox + width - 130, oy + 28, oy + height - 36
-        points = [(x, y, s) for _, series in panel["series"] for x, y, s in series if y is not None]
-        if not points:
-            continue
-        fx = (lambda v: math.log10(v)) if panel.get("log_x") else (lambda v: v)
-        xs = [fx(x) for x, _, _ in points]
-        ys = [y + sgn * (s or 0) for _, y, s in points for sgn in (-1, 1)]
-        x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-        y0, y1 = min(ys), max(ys)
-        y0, y1 = (y0, y1) if y1 - y0 > 1e-9 * max(1.0, abs(y1)) else (y0 - 0.5, y1 + 0.5)  # a flat line: a unit range
-        y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
-
-        def px(x, y):
-            return (left + (fx(x) - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-
-        draw.rectangle([left, top, right, bottom], outline=(150, 150, 150))
-        for i in range(5):
-            yv = y0 + i / 4 * (y1 - y0)
-            draw.text((ox + 4, px(x0 if not panel.get("log_x") else 10 ** x0, yv)[1] - 6), f"{yv:.3g}", fill=(90, 90, 90))
-            xv = x0 + i / 4 * (x1 - x0)
-            label = 10 ** xv if panel.get("log_x") else xv
-            draw.text((left + i / 4 * (right - left) - 12, bottom + 4), f"{label:.3g}", fill=(90, 90, 90))
-        draw.text((left, oy + 8), panel["title"], fill=(0, 0, 0))
-        draw.text((right - 80, bottom + 18), panel.get("xlabel", ""), fill=(0, 0, 0))
-        for i, (name, series) in enumerate(panel["series"]):
-            colour = COLOURS[i % len(COLOURS)]
-            series = [(x, y, s) for x, y, s in series if y is not None]
-            if len(series) > 1:
-                draw.line([px(x, y) for x, y, _ in series], fill=colour, width=2)
-            for x, y, s in series:
-                u, v = px(x, y)
-                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
-                if s:
-                    draw.line([px(x, y - s), px(x, y + s)], fill=colour)
-            draw.text((right + 8, top + 14 * i), name, fill=colour)
-    image.save(path)
+    line_plot([dict(panel, series=[series(*s) for s in panel["series"]]) for panel in panels], path, columns=2,
+              width=640, height=300)
 
 
 def write_tables(rows, columns, out_dir, name, header):
