@@ -28,6 +28,19 @@ class UserError(Exception):
     """
 
 
+def load_file(path, what, how):
+    """A .pt file as a dict, read with torch.load(weights_only=True), so no code in it runs; a file
+    that is missing, corrupt, a pickle carrying code or not a dict is one line: `{path} is not
+    {what} ...; {how}`. The one reader of checkpoints (model.read_checkpoint) and encoder files."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a foreign file
+        raise UserError(f"{path} is not {what} ({type(e).__name__}); {how}") from e
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not {what}: it holds a {type(state).__name__}, not a dict; {how}")
+    return state
+
+
 def run(main, *args):
     """Call main(*args) as a script's entry point, turning a UserError into one line on stderr."""
     try:
