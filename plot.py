@@ -45,7 +45,7 @@ def nice_ticks(lo, hi, count=5):
     span = max(hi - lo, 1e-12)
     raw = span / count
     magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    step = min((m * magnitude for m in (1, 2, 5, 10)), key=lambda step: abs(span / step - count))
     first = step * math.ceil(lo / step - 1e-9)
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
