@@ -11,6 +11,7 @@ import argparse
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +34,12 @@ def load_file(path, what, how):
     that is missing, corrupt, a pickle carrying code or not a dict is one line: `{path} is not
     {what} ...; {how}`. The one reader of checkpoints (model.read_checkpoint) and encoder files."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(record=True) as caught:  # a foreign file's warnings would be a second line
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a foreign file
         raise UserError(f"{path} is not {what} ({type(e).__name__}); {how}") from e
+    for w in caught:  # a good file's warnings still reach the user
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     if not isinstance(state, dict):
         raise UserError(f"{path} is not {what}: it holds a {type(state).__name__}, not a dict; {how}")
     return state
