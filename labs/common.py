@@ -7,7 +7,6 @@ import json
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -16,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 import sample  # noqa: E402
+import toy  # noqa: E402
 from data import BuiltinShapes  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from model import read_checkpoint  # noqa: E402
@@ -24,6 +24,8 @@ from plot import line_plot  # noqa: E402
 # The held-out images that sample quality is measured against: the built-in data of another seed
 # (train.py trains on seed 0), so no training image is among them.
 REFERENCE_SEED = 2
+# toy.py's evaluator of the labs' data ("shapes"), cached under runs/toy/ as reg_vs_repa.py's are.
+EVALUATOR = os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt")
 
 
 def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
@@ -42,40 +44,20 @@ def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
 
 
 class Quality:
-    """Sample quality against held-out built-in images. With toy.py's evaluator (a small classifier
-    trained on other held-out images), its FID, precision, recall and accuracy. Without toy.py, two measures in
-    pixel space that need no trained network: `pixel_fd`, the Frechet distance (evaluate.py's) of
-    4x4-average-pooled pixels (48 numbers per image), and `nn_accuracy`, the share of samples whose
-    nearest held-out image (L2 in pixels) has the label the sample was asked for."""
+    """Sample quality against held-out built-in images: toy.py's evaluator (a small classifier
+    trained on other held-out images; trained here on first use) gives their FID, precision,
+    recall and conditional accuracy (toy.toy_metrics)."""
 
-    def __init__(self, evaluator=None, num_reference=2000, device="cpu"):
-        ref = BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED)
-        self.reference, self.labels = torch.from_numpy(ref.images), torch.from_numpy(ref.labels)
-        self.net, self.device = None, device
-        if evaluator:
-            import toy  # issue 18's toy evaluator (toy.py at the repository root)
-            if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
-                toy.train_evaluator(evaluator, variant="shapes")
-            self.net, self.toy = toy.load_evaluator(evaluator, device), toy
-        self.names = ("fid", "precision", "recall", "accuracy") if self.net else ("pixel_fd", "nn_accuracy")
-        self.main = self.names[0]  # the number whose minimum over training is tau_gen
+    def __init__(self, evaluator=EVALUATOR, num_reference=2000, device="cpu"):
+        self.reference = torch.from_numpy(BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED).images)
+        if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
+            toy.train_evaluator(evaluator, variant="shapes")
+        self.net = toy.load_evaluator(evaluator, device)
+        self.names = ("fid", "precision", "recall", "accuracy")
+        self.main = "fid"  # the number whose minimum over training is tau_gen
 
     def __call__(self, samples, labels):
-        if self.net is not None:
-            return self.toy.toy_metrics(self.net, samples, labels, self.reference)
-        pooled = [torch.nn.functional.avg_pool2d(x.double() / 127.5 - 1, 8).flatten(1).numpy()
-                  for x in (samples, self.reference)]
-        with warnings.catch_warnings():  # a collapsed set of samples has a singular covariance
-            warnings.simplefilter("ignore")
-            fd = evaluate.frechet_distance(*evaluate.mean_cov(pooled[1]), *evaluate.mean_cov(pooled[0]))
-        dist = torch.cdist(samples.flatten(1).double(), self.reference.flatten(1).double())  # (N, refs)
-        accuracy = (self.labels[dist.argmin(1)] == labels).double().mean().item()
-        return {"pixel_fd": fd, "nn_accuracy": accuracy}
-
-
-def default_evaluator():
-    """The toy evaluator's file when toy.py exists (trained on first use), else None (pixel measures)."""
-    return os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
+        return toy.toy_metrics(self.net, samples, labels, self.reference)
 
 
 def require_gpu(parser, device):
