@@ -31,7 +31,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from util import UserError
+from util import UserError, load_file
 
 
 def _read_state_dict(path):
@@ -182,12 +182,14 @@ class BuiltinViT(_FrozenViT):
 
     @classmethod
     def load(cls, path, resolution):
-        how = "make it with: python toy.py encoder --out " + str(path)
-        if path in (None, "pretrained") or not os.path.isfile(path):
+        given = path not in (None, "pretrained")
+        how = (f"make it with: python toy.py encoder --out {path}" if given else
+               "make one with: python toy.py encoder (it writes runs/toy/encoder-p8.pt), and pass that file")
+        if not given or not os.path.isfile(path):
             raise UserError(f"the builtin-vit encoder needs the file that toy.py writes (--enc-path): "
-                            f"{'none given' if path in (None, 'pretrained') else 'no file at ' + str(path)}; {how}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("kind") != "builtin-vit":
+                            f"{'no file at ' + str(path) if given else 'none given'}; {how}")
+        state = load_file(path, "a builtin-vit encoder file", how)  # as checkpoints: corrupt or code, one line
+        if state.get("kind") != "builtin-vit":
             raise UserError(f"{path} is not a builtin-vit encoder file; {how}")
         if state["config"]["resolution"] != resolution:
             raise UserError(f"{path} was pretrained on {state['config']['resolution']}-pixel images and the data "

@@ -13,6 +13,7 @@ with v_cls None when there is no class token and zs None when the projector is o
     losses = training_loss(model, x, y, cls, patches, shifts=sit.shifts(y))   # + CAR-Flow
     x0, cls0 = sample_sde(model, noise, y, cls_noise, shifts=sit.shifts(y))  # CAR-Flow: returns z0 - mu1(y)
     x0, _ = sample_ode(ClosedForm(train_latents, train_labels), noise, y)  # the empirical optimum
+    x0, cls0 = sample_sit(sit, noise, y, cls_noise, path="linear", cfg_scale=4.0)  # a trained SiT, as trained
 
 CAR-Flow (arXiv 2509.19300) moves the two ends of the path by learned class shifts: the source
 to eps + mu0(y) and the target to x + mu1(y) (their data-at-1 convention rewritten in ours, data
@@ -32,6 +33,8 @@ import torch.nn.functional as F
 
 PATHS = ("linear", "cosine")
 TARGETS = ("stochastic", "closed-form")
+# What training_loss returns, in the order train.py logs it (proj and cls None when not trained).
+LOSS_TERMS = ("loss", "denoise", "proj", "cls")
 
 
 def check_path(path):
@@ -376,6 +379,29 @@ def sample_ode(model, x, y, cls=None, *, steps=50, method="heun", cfg_scale=1.0,
         x, cls = x_next, cls_next
     x = x if mu1 is None else x - mu1  # z_0 - mu1(y)
     return x.to(dtype), None if cls is None else cls.to(dtype)
+
+
+def sample_sit(sit, x, y, cls=None, *, mode="sde", steps=250, method="heun", cfg_scale=1.0, cls_cfg_scale=0.0,
+               guidance_low=0.0, guidance_high=1.0, path="linear", generator=None, autocast=None):
+    """The one way to sample a SiT as it was trained (train.py's grids, FID and memorized fraction,
+    sample.py, the labs): its CAR-Flow shifts of the true labels (sit.shifts(y); (None, None)
+    without --car), its null label (sit.num_classes) and the path it was trained on, with
+    guidance as given. The one place flow.py reads more of the model than its call.
+
+    x: (N, C, H, W), cls: (N, z_dim) or None, start noise; y: (N,) labels. mode "sde" (sample_sde,
+    `path`, `generator` for its noise) or "ode" (sample_ode with `method`). autocast: the dtype
+    the model runs in on x's device (torch.bfloat16, torch.float16), None for fp32.
+    Returns (x, cls) at t = 0, as the samplers.
+    """
+    guidance = dict(cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low,
+                    guidance_high=guidance_high, null_label=sit.num_classes)
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        shifts = sit.shifts(y)  # (mu0, mu1), each (N, C, H, W) or None
+        if mode == "sde":
+            return sample_sde(sit, x, y, cls, steps=steps, path=path, generator=generator, shifts=shifts, **guidance)
+        if mode == "ode":
+            return sample_ode(sit, x, y, cls, steps=steps, method=method, shifts=shifts, **guidance)
+    raise ValueError(f"unknown sampler mode {mode!r}; choose 'sde' or 'ode'")
 
 
 def _float64_shifts(shifts):

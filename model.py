@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from util import UserError
+from util import UserError, load_file
 
 
 def modulate(x, shift, scale):
@@ -368,15 +368,8 @@ def read_checkpoint(path):
         raise UserError(f"no checkpoint at {path}; give the path of a .pt file written by "
                         "train.py (runs/<exp>/checkpoints/) or an official REG checkpoint")
     torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a non-checkpoint
-        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release) "
-                        f"({type(e).__name__}); give the path of such a .pt file") from e
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release): "
-                        f"it holds a {type(ckpt).__name__}, not a dict; give the path of such a .pt file")
-    return ckpt
+    return load_file(path, "a checkpoint written by train.py (or the official release)",
+                     "give the path of such a .pt file")
 
 
 def load_weights(ckpt, prefer_ema=True):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import evaluate
 from encoder import load_vae
-from flow import sample_ode, sample_sde, sde_generator, start_noise
+from flow import sample_sit, sde_generator, start_noise
 from model import SiT_models, load_weights, read_checkpoint
 from util import ArgumentParser, UserError, barrier, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
@@ -163,17 +163,10 @@ def sample_latents(model, x, cls, y, args, generator=None):
     """Run the sampler of args (mode, steps, guidance, path, precision) from start noise (x, cls)
     with labels y -> latents (N, C, h, w). `generator` draws the SDE's noise. A CAR-Flow model
     (its checkpoint's config says which maps) starts at x + mu0(y) and returns z_0 - mu1(y)."""
-    common = dict(cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
-                  guidance_high=args.guidance_high, null_label=model.num_classes)
-    amp = args.precision == "bf16" and x.device.type == "cuda"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        common["shifts"] = model.shifts(y)  # CAR-Flow's (mu0, mu1) of the true labels; (None, None) without
-        if args.mode == "sde":
-            z, _ = sample_sde(model, x, y, cls, steps=args.num_steps, path=args.path_type,
-                              generator=generator, **common)
-        else:
-            z, _ = sample_ode(model, x, y, cls, steps=args.num_steps, method="heun" if args.heun else "euler",
-                              **common)
+    z, _ = sample_sit(model, x, y, cls, mode=args.mode, steps=args.num_steps, method="heun" if args.heun else "euler",
+                      cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
+                      guidance_high=args.guidance_high, path=args.path_type, generator=generator,
+                      autocast=torch.bfloat16 if args.precision == "bf16" and x.device.type == "cuda" else None)
     return z
 
 
