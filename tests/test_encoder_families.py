@@ -9,7 +9,7 @@ at reduced width and depth; the full-size architectures are checked on the meta 
 
     python3 -m pytest -q tests/test_encoder_families.py
 """
-import os
+import functools
 
 import huggingface_hub.constants
 import pytest
@@ -24,7 +24,7 @@ import encoder
 import sample
 import train
 from encoder import ENCODERS, AutoencoderKL, Encoders, load_encoder
-from model import read_checkpoint
+from model import SIZES, SiT, SiT_models, read_checkpoint
 from util import UserError
 
 SMALL = dict(depth=1, embed_dim=64, num_heads=2)  # the family's architecture at test size
@@ -253,9 +253,13 @@ def prepared(tmp_path_factory):
 
 @pytest.fixture
 def tiny_networks(monkeypatch):
+    """train.py's frozen networks at test size, and a SiT-T/2 of two narrow blocks (sample.py builds the same)."""
+    monkeypatch.setitem(SiT_models, "SiT-T/2", functools.partial(
+        SiT, **{**SIZES["T"], "depth": 2, "hidden_size": 64, "num_heads": 2, "encoder_depth": 1, "projector_dim": 64,
+                "patch_size": 2}))
     monkeypatch.setattr(train, "load_encoder", tiny_encoder)
-    monkeypatch.setattr(train, "load_vae", lambda name, path=None: AutoencoderKL(ch=8, ch_mult=(1, 1, 1, 1),
-                                                                                 num_res_blocks=1, groups=4))
+    monkeypatch.setattr(train, "load_vae", lambda name, path=None: AutoencoderKL(ch=4, ch_mult=(1, 1, 1, 1),
+                                                                                 num_res_blocks=1, groups=2))
 
 
 def train_3_steps(prepared, out, enc_type, *flags):
