@@ -122,7 +122,7 @@ ENCODERS = {
                          "dino_vitbase16_pretrain.pth of facebookresearch/dino (REPA: ckpts/dinov1_vitb.pth)"),
     # OpenAI's CLIP uses QuickGELU: timm's plain "vit_large_patch14_clip_224" would misread its weights.
     "clip-vit-L": Spec("clip", "vit_large_patch14_clip_quickgelu_224.openai", "timm/vit_large_patch14_clip_224.openai",
-                       "open_clip_pytorch_model.bin of timm/vit_large_patch14_clip_224.openai"),
+                       "model.safetensors of timm/vit_large_patch14_clip_224.openai (or open_clip's state dict)"),
     "mae-vit-l": Spec("mae", "vit_large_patch16_224.mae", "timm/vit_large_patch16_224.mae",
                       "mae_pretrain_vit_large.pth of facebookresearch/mae (REPA: ckpts/mae_vitl.pth)"),
     # MoCo v3's ViTs are timm's with 12 heads at every size; their weights exist only as the release's files.
