@@ -127,7 +127,8 @@ ENCODERS = {
                       "mae_pretrain_vit_large.pth of facebookresearch/mae (REPA: ckpts/mae_vitl.pth)"),
     # MoCo v3's ViTs are timm's with 12 heads at every size; their weights exist only as the release's files.
     "mocov3-vit-s": Spec("mocov3", "vit_small_patch16_224", None,
-                         "vit-s-300ep.pth.tar of facebookresearch/moco-v3 (REPA: ckpts/mocov3_vits.pth)", dict(num_heads=12)),
+                         "vit-s-300ep.pth.tar of facebookresearch/moco-v3 (REPA: ckpts/mocov3_vits.pth)",
+                         dict(num_heads=12)),
     "mocov3-vit-b": Spec("mocov3", "vit_base_patch16_224", None,
                          "vit-b-300ep.pth.tar of facebookresearch/moco-v3 (REPA: ckpts/mocov3_vitb.pth)"),
     "jepa-vit-h": Spec("jepa", "vit_huge_patch14_gap_224.in1k_ijepa", None,

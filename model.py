@@ -335,7 +335,8 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
             if i == self.encoder_depth and return_zs and hasattr(self, "projectors"):
-                zs = tuple(projector(h) for projector in self.projectors)  # each (N, 1+T, z_dim_k): all tokens, the class slot included
+                # Each (N, 1+T, z_dim_k): all tokens, the class slot included; one projector per encoder.
+                zs = tuple(projector(h) for projector in self.projectors)
                 zs = zs[0] if len(zs) == 1 else zs
         patches, v_cls = self.final_layer(h, c)
         return ModelOutput(self.unpatchify(patches), v_cls, zs)

@@ -107,18 +107,18 @@ def test_every_family_preprocesses_and_splits_tokens_as_the_official_release(nam
     torch.testing.assert_close(cls, want_cls, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, width, patch, prefix, act", [
-    ("dinov2-vit-b", 768, 14, 1, "GELU"), ("dinov2-vit-l", 1024, 14, 1, "GELU"), ("dinov1-vit-b", 768, 16, 1, "GELU"),
-    ("clip-vit-L", 1024, 14, 1, "QuickGELU"), ("mae-vit-l", 1024, 16, 1, "GELU"), ("mocov3-vit-s", 384, 16, 1, "GELU"),
-    ("mocov3-vit-b", 768, 16, 1, "GELU"), ("jepa-vit-h", 1280, 14, 0, "GELU")])
-def test_every_name_builds_its_full_size_architecture(name, width, patch, prefix, act):
+@pytest.mark.parametrize("name, width, heads, patch, prefix, act", [
+    ("dinov2-vit-b", 768, 12, 14, 1, "GELU"), ("dinov2-vit-l", 1024, 16, 14, 1, "GELU"),
+    ("dinov1-vit-b", 768, 12, 16, 1, "GELU"), ("clip-vit-L", 1024, 16, 14, 1, "QuickGELU"),
+    ("mae-vit-l", 1024, 16, 16, 1, "GELU"), ("mocov3-vit-s", 384, 12, 16, 1, "GELU"),
+    ("mocov3-vit-b", 768, 12, 16, 1, "GELU"), ("jepa-vit-h", 1280, 16, 14, 0, "GELU")])
+def test_every_name_builds_its_full_size_architecture(name, width, heads, patch, prefix, act):
     with torch.device("meta"):
         enc = load_encoder(name, 512, weights=None)
     vit = enc.vit
-    assert enc.z_dim == width and vit.patch_embed.patch_size == (patch, patch)
-    assert vit.num_prefix_tokens == prefix and enc.grid_size == 32
-    assert type(vit.blocks[0].mlp.act).__name__ == act  # OpenAI CLIP was trained with QuickGELU
-    assert vit.blocks[0].attn.num_heads == {"mocov3-vit-s": 12}.get(name, vit.blocks[0].attn.num_heads)
+    assert enc.z_dim == width and vit.blocks[0].attn.num_heads == heads and vit.patch_embed.patch_size == (patch, patch)
+    assert vit.num_prefix_tokens == prefix and enc.grid_size == 32  # I-JEPA has no class token
+    assert type(vit.blocks[0].mlp.act).__name__ == act  # OpenAI's CLIP was trained with QuickGELU
 
 
 # ----------------------------------------------------------------------------------------------
