@@ -139,7 +139,9 @@ def build_model(ckpt, args):
         raise UserError(f"{args.ckpt} holds no raw model weights (no 'model' entry); sample its EMA without --no-ema")
     config = dict(config)
     name, vae, scale = config.pop("model"), config.pop("vae"), config.pop("scaling_factor")
+    enc_type = config.pop("enc_type", None)  # the encoder(s) it was trained with; older checkpoints don't say
     model = SiT_models[name](**config)
+    model.enc_type = enc_type
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
         model.load_state_dict(load_weights(ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
@@ -309,7 +311,8 @@ def main(args):
     vae = load_vae(vae_name, path=args.vae_path).to(device)
     run_model = compiled(model, args, device)
     if processes.master:
-        print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es)", flush=True)
+        print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es); "
+              f"trained with --enc-type {model.enc_type or 'unknown (not recorded)'}", flush=True)
 
     # A grid (rank 0, while the others wait), or the .npz (every rank).
     if args.num_samples == 0:

@@ -72,9 +72,11 @@ def get_args(argv=None):
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
     p.add_argument("--encoder-depth", type=number(int, 1), default=None, help="block the projector reads; none: per size")
     p.add_argument("--enc-type", default="dinov2-vit-b",
-                   help="dinov2-vit-{s,b,l,g}[-reg], stand-in (random), or builtin-vit (needs --enc-path)")
-    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (none: timm's hub weights), or "
-                   "builtin-vit's file from `python toy.py encoder`")
+                   help="dinov2-vit-{s,b,l,g}[-reg], dinov1-vit-b, clip-vit-L, mae-vit-l, mocov3-vit-{s,b}, jepa-vit-h "
+                        "(README, \"Encoders\"), stand-in (random), builtin-vit (needs --enc-path); several "
+                        "comma-separated: a projector each, REG's token from the first")
+    p.add_argument("--enc-path", default=None, help="local encoder weights file (none: timm's hub weights; mocov3 and "
+                   "jepa need one), comma-separated for several encoders, or builtin-vit's file from `python toy.py encoder`")
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
@@ -193,8 +195,7 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
             mean, std = moments.chunk(2, dim=1)  # (n, C, h, w) each
             x = sample_posterior(mean, std) * scaling_factor  # the latent the SiT denoises
             with autocast:
-                cls, patches = encoder(images)  # (n, z_dim), (n, T, z_dim)
-            cls, patches = cls.float(), patches.float()
+                cls, patches = encoder(images)  # float32 (n, z_dim), (n, T, z_dim); lists of them for several encoders
             others = None
             if ref_moments:  # fresh posterior samples, as x: Prop. 2 wants them i.i.d. with it
                 ref_mean, ref_std = ref_moments[0].chunk(2, dim=2)  # (n, M - 1, C, h, w) each
@@ -251,17 +252,25 @@ def build_encoder(args, dataset):
                             f"{grid * grid}; use a SiT of patch size {patch}, or pretrain an encoder with "
                             f"python toy.py encoder --patch-size {args.model.split('/')[1]}")
         return encoder
-    if args.enc_type != "stand-in":
-        return load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
+    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
+    if args.enc_type != "stand-in":  # the official families, one or several: each has an R/16 grid
+        encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
+        for name, one in zip(args.enc_type.split(","), getattr(encoder, "encoders", [encoder])):
+            if args.proj_coeff > 0 and one.grid_size != grid:
+                raise UserError(f"--enc-type {name} has a {one.grid_size}x{one.grid_size} patch grid and {args.model} "
+                                f"a {grid}x{grid} one; use a SiT whose patch size times the VAE's downsample "
+                                f"({dataset.downsample}) is 16, e.g. SiT-XL/2 on SD-VAE latents")
+        return encoder
     # The stand-in's patches tile the image on the same grid as the SiT's tokens, as DINOv2's
     # 16x16 patches of its 224-pixel input tile the 32x32 latent's 2x2 patches.
-    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
     return load_encoder("stand-in", resolution=dataset.resolution, patch_size=dataset.resolution // grid,
                         z_dim=192, depth=2, num_heads=3)
 
 
 def build_model(args, dataset, z_dim):
-    """The SiT, and the config that sample.py needs to rebuild it and decode its samples."""
+    """The SiT, and the config that sample.py needs to rebuild it and decode its samples.
+    z_dim: the encoder's token width, or a list of one per encoder (a projector each)."""
+    z_dim = z_dim[0] if isinstance(z_dim, (list, tuple)) and len(z_dim) == 1 else z_dim
     kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
                   num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
                   cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0, car=args.car)
@@ -269,7 +278,7 @@ def build_model(args, dataset, z_dim):
         kwargs["encoder_depth"] = args.encoder_depth
     model = SiT_models[args.model](**kwargs)
     config = {"model": args.model, **kwargs, "encoder_depth": model.encoder_depth, "vae": dataset.vae,
-              "scaling_factor": dataset.scaling_factor}
+              "scaling_factor": dataset.scaling_factor, "enc_type": args.enc_type}
     return model, config
 
 
@@ -318,6 +327,9 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if ckpt["args"].model != args.model:
         raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
                         f"{args.model}; use another --exp-name for a new run")
+    if ckpt["args"].enc_type != args.enc_type:
+        raise UserError(f"{path} was written by a run with --enc-type {ckpt['args'].enc_type} and this run has "
+                        f"{args.enc_type}; resume with --enc-type {ckpt['args'].enc_type}, or use another --exp-name")
     car = getattr(ckpt["args"], "car", "none")  # checkpoints from before --car existed have none
     if car != args.car:
         raise UserError(f"{path} was written by a run with --car {car} and this run has --car {args.car}; "
@@ -441,7 +453,7 @@ def main(args):
     # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer; what
     # watches the run (sample grids, FID, memorized fraction).
     encoder = build_encoder(args, dataset).to(device)
-    model, config = build_model(args, dataset, encoder.z_dim)
+    model, config = build_model(args, dataset, encoder.z_dims)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt, scaler = build_optimizer(args, model)

@@ -318,7 +318,7 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
         "partly prepared --data-path": ([*out, "--data-path", str(tmp_path / "partly")], "only partly prepared"),
         "another format version": ([*out, *prepared_with("v0", format_version=0)], "has format version 0"),
         "unknown VAE": ([*out, *prepared_with("vae", vae="sd-vae-ft-xl")], "Unknown VAE 'sd-vae-ft-xl'"),
-        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown DINOv2 encoder 'dinov2-vit-z'"),
+        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown encoder 'dinov2-vit-z'"),
         "a batch that does not split": ([*out, "--global-batch-size", "6", "--gradient-accumulation-steps", "4"],
                                         "does not split evenly"),
         "corrupt checkpoint": (latest_checkpoint_is("corrupt", lambda p: p.write_bytes(b"half a checkpoint")),
