@@ -11,7 +11,8 @@ AutoencoderKL folder, and the training images are prepared through it by data.pr
 measures the latent scale, as their configs have none). Then every arm (ARMS: SiT, SiT + REPA,
 SiT + REG) trains on each latent space through train.main (`python train.py --data-path ...`),
 same seeds and settings; the EMA of each checkpoint is sampled with sample.py's functions (SDE, no
-guidance), decoded by its VAE and scored by toy.toy_metrics against held-out images.
+guidance; flow.sample_sit through sample.generate), decoded by its VAE and scored by
+toy.toy_metrics against held-out images.
 
 Outputs in --out (default runs/labs/reals): results.json (every number, the wall time, the CPU
 seconds and os.getloadavg() before and after), results.md (the tables), curves.png (toy FID and
@@ -41,6 +42,7 @@ import train  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from flow import sde_generator  # noqa: E402
 from model import read_checkpoint  # noqa: E402
+from plot import line_plot  # noqa: E402
 from util import ArgumentParser, number, run  # noqa: E402
 
 # Each arm's own flags; nothing else differs between arms.
@@ -48,6 +50,7 @@ ARMS = {"SiT": ["--cls-coeff", "0", "--proj-coeff", "0"], "REPA": ["--cls-coeff"
 # The two latent spaces: the toy VAE's alignment weight (toy.train_vae's align_coeff).
 ALIGN_COEFF = 0.5
 LATENTS = {"plain": 0.0, "aligned": ALIGN_COEFF}
+COLOURS = {"SiT": (160, 160, 160), "REPA": (60, 150, 230), "REG": (240, 70, 60)}  # darker: the aligned latents
 # The scale of each device. The toy VAE maps 32-pixel images to (4, 8, 8) latents, so a SiT of
 # patch 2 has 16 tokens, on the grid of the teacher's 16 patches (8 pixels each).
 SCALES = {
@@ -154,8 +157,9 @@ def prepare_latents(args, latent, evaluator):
 
 @torch.no_grad()
 def sample_run(ckpt, num, steps, device, seed=10_000):
-    """num samples of a checkpoint's EMA with sample.py's functions: SDE, no guidance, fp32, decoded by
-    the VAE its config names -> (uint8 (N, 3, R, R), labels (N,))."""
+    """num samples of a checkpoint's EMA with sample.py's functions (flow.sample_sit, the SiT as it
+    was trained): SDE, no guidance, fp32, decoded by the VAE its config names -> (uint8 (N, 3, R, R),
+    labels (N,))."""
     args = sample.get_args(["--ckpt", ckpt, "--mode", "sde", "--num-steps", str(steps), "--cfg-scale", "1",
                             "--seed", str(seed), "--precision", "fp32"])
     model, vae_name, scale = sample.build_model(read_checkpoint(ckpt), args)
@@ -210,7 +214,7 @@ def tables(vaes, results, args, seconds, cpu_seconds, load):
     lines = [f"`{args.command}`: {seconds / 60:.1f} min wall, {cpu_seconds / 60:.1f} CPU-minutes, load average "
              f"{load[0]:.1f} before and {load[1]:.1f} after (2 cores shared)", "",
              "| latent space | reconstruction PSNR (dB) | reconstruction toy FID | linear probe on the latent | "
-             "measured scaling factor | VAE training (s) |", "|---|---|---|---|---|---|"]
+             "measured scaling factor | VAE training (wall s) |", "|---|---|---|---|---|---|"]
     for latent, f in vaes.items():
         lines.append(f"| {latent} (align {LATENTS[latent]:g}) | {f['psnr']:.2f} | {f['recon_fid']:.3g} | "
                      f"{f['probe_accuracy']:.3f} | {f['scaling_factor']:.4g} | {f['seconds']:.0f} |")
@@ -227,17 +231,22 @@ def tables(vaes, results, args, seconds, cpu_seconds, load):
 
 
 def plot(results, path):
-    """Toy FID and conditional accuracy against steps, mean over seeds with the std as a bar."""
+    """Toy FID and conditional accuracy against steps: per run family the mean over seeds, and the
+    band mean -/+ std; plain latents dashed colours, aligned ones the same colours darker."""
     panels = []
     for key, title in (("fid", "toy FID (lower is better)"), ("accuracy", "conditional accuracy (higher is better)")):
         series = []
         for (latent, arm), runs in results.items():
             steps = [r["step"] for r in runs[0]]
-            points = [(s, *(lambda v: (statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else None))(
-                [run_[i][key] for run_ in runs])) for i, s in enumerate(steps)]
-            series.append((f"{arm}, {latent}", points))
-        panels.append({"title": title + "; bar: std over seeds", "xlabel": "step", "series": series})
-    common.line_panels(panels, path)
+            values = [[run_[i][key] for run_ in runs] for i in range(len(steps))]
+            mean = [statistics.fmean(v) for v in values]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            colour = tuple(c // (2 if latent == "aligned" else 1) for c in COLOURS[arm])
+            series.append(dict(name=f"{arm}, {latent}", x=steps, y=mean, colour=colour, dots=True,
+                               band=([m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)])))
+        panels.append(dict(title=f"{title} against training steps; band: mean -/+ std over seeds", xlabel="step",
+                           series=series))
+    line_plot(panels, path, width=760, height=230)
 
 
 # ----------------------------------------------------------------------------- the phases
