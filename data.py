@@ -23,6 +23,11 @@ chunks, and rerunning it over a finished dataset does nothing. On-disk format of
     manifest.json resolution, vae, latent_channels, downsample, scaling_factor, count, ...
     progress/     per-chunk markers of the run (kept so a rerun knows what is done)
 
+Any diffusers AutoencoderKL folder (config.json + weights) is a VAE too, e.g. ReaLS's
+representation-aligned VAE (arXiv 2502.00359): `--vae /ckpt/reals-vae`. The latent scale is its
+config's scaling_factor; where the config has none, prepare measures 1/std of the latents over the
+whole dataset (the LDM recipe, arXiv 2112.10752 Sec. 4.3.2) and records it in manifest.json.
+
 For speed benchmarks, random data in the same format (no VAE, no images needed):
 
     python data.py synthetic --dst /tmp/reg-synthetic --count 20000
@@ -128,9 +133,10 @@ def prepare(src, dst, vae, vae_name, resolution=256, batch_size=64, workers=8, c
     (N, C, R/downsample, R/downsample). Under torchrun every rank calls this with its rank; the
     chunks not yet done are shared out, and rank 0 writes the manifest once all are done.
     """
+    scale = vae.scaling_factor  # None: the VAE's config has none, and _finish measures it
     config = {"format_version": FORMAT_VERSION, "resolution": resolution, "vae": vae_name,
               "latent_channels": int(vae.latent_channels), "downsample": int(vae.downsample),
-              "scaling_factor": float(vae.scaling_factor), "chunk_size": chunk_size}
+              "scaling_factor": None if scale is None else float(scale), "chunk_size": chunk_size}
     manifest_path = os.path.join(dst, "manifest.json")
     progress = os.path.join(dst, "progress")
     if os.path.exists(manifest_path):
@@ -222,8 +228,10 @@ def _encode_chunks(src, dst, files, mine, chunk_size, marker, vae, moment_shape,
 def _check_same_config(dst, path, config):
     with open(path) as f:
         found = json.load(f)
+    # A measured scaling factor (asked: None) is the data's, not a setting.
     different = {key: (found.get(key), value) for key, value in config.items()
-                 if key != "chunk_size" and found.get(key) != value}
+                 if key != "chunk_size" and found.get(key) != value
+                 and not (key == "scaling_factor" and value is None)}
     if different:
         raise UserError(f"{dst} was prepared with other settings "
                         f"(found, asked): {different}; use another --dst or the same flags")
@@ -244,9 +252,33 @@ def _finish(dst, config, files, num_chunks, marker):
     manifest = {**config, "count": len(files), "num_valid": len(files) - len(skipped),
                 "num_classes": len(class_names), "class_names": class_names,
                 "skipped": [f for f, _ in skipped]}
+    if config["scaling_factor"] is None:
+        manifest["scaling_factor"] = measure_scaling_factor(dst)
+        manifest["scaling_factor_source"] = "measured: 1 / std of the posterior latents over the dataset"
+        print(f"scaling factor: the VAE's config has none; measured 1/std of the latents over the "
+              f"{manifest['num_valid']} images: {manifest['scaling_factor']:.6g} (recorded in manifest.json)")
     _write_atomic(os.path.join(dst, "manifest.json"), json.dumps(manifest, indent=1))
     print(f"prepared {len(files) - len(skipped)} images into {dst}; {len(skipped)} unreadable "
           f"files skipped (listed in skipped.txt)")
+
+
+def measure_scaling_factor(dst, block=4096):
+    """1 / std of the latents z = mean + std * eps of every valid row of dst's moments, over all their
+    numbers (the LDM recipe, arXiv 2112.10752 Sec. 4.3.2, there from one batch): exact, with no eps
+    drawn, since Var z = Var(mean) + E[std^2]. Float64 sums, a block of rows at a time."""
+    moments = np.load(os.path.join(dst, "moments.npy"), mmap_mode="r")
+    rows = np.flatnonzero(np.load(os.path.join(dst, "valid.npy")))
+    if len(rows) == 0:
+        raise UserError(f"no image of {dst} could be read, so the latent scale cannot be measured; check --src")
+    c = moments.shape[1] // 2
+    total = square = variance = count = 0.0
+    for start in range(0, len(rows), block):
+        m = np.asarray(moments[rows[start:start + block]], dtype=np.float64)  # (n, 2C, h, w)
+        mean, std = m[:, :c], m[:, c:]
+        total, square, variance, count = (total + mean.sum(), square + (mean ** 2).sum(),
+                                          variance + (std ** 2).sum(), count + mean.size)
+    var = square / count - (total / count) ** 2 + variance / count
+    return float(1 / np.sqrt(var))
 
 
 def write_synthetic(dst, count, resolution=256, num_classes=1000, seed=0):
@@ -539,8 +571,9 @@ def make_parser():
     p.add_argument("--src", required=True, help="folder with one subfolder of images per class")
     p.add_argument("--dst", required=True, help="output folder (created; rerun to resume)")
     p.add_argument("--resolution", type=number(int, 1), default=256, help="image side (a multiple of 8 for the SD-VAE)")
-    p.add_argument("--vae", default="sd-vae-ft-ema", help="VAE name for encoder.load_vae, or 'pixels'")
-    p.add_argument("--vae-path", default=None, help="local VAE weights (no download is possible offline)")
+    p.add_argument("--vae", default="sd-vae-ft-ema", help="sd-vae-ft-ema, sd-vae-ft-mse, pixels, or a diffusers "
+                   "AutoencoderKL folder (config.json + weights; ReaLS's release, or toy.py vae's)")
+    p.add_argument("--vae-path", default=None, help="local SD-VAE weights (no download is possible offline)")
     p.add_argument("--batch-size", type=number(int, 1), default=64, help="images per VAE call, per GPU")
     p.add_argument("--workers", type=number(int, 0), default=8, help="decoding processes per GPU")
     p.add_argument("--chunk-size", type=number(int, 1), default=1000, help="images per restartable unit of work")
@@ -556,7 +589,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "synthetic":
         return write_synthetic(args.dst, args.count, args.resolution)
-    if args.vae != "pixels" and args.resolution % 8:  # before the VAE is loaded
+    if args.vae in ("sd-vae-ft-ema", "sd-vae-ft-mse") and args.resolution % 8:  # before the VAE is loaded
         parser.error(f"argument --resolution: {args.resolution} is not a multiple of 8, the SD-VAE's downsampling; "
                      "give a multiple of 8 (or --vae pixels)")
 
@@ -564,8 +597,10 @@ def main(argv=None):
     processes = setup_processes(timeout_minutes=120)
     import encoder  # the only model code data.py needs: the frozen VAE
     vae = encoder.load_vae(args.vae, path=args.vae_path).to(processes.device)
+    # A folder is recorded by its absolute path: train.py and sample.py load it from there.
+    name = args.vae if args.vae in ("pixels", *encoder.SD_VAES) else os.path.abspath(args.vae)
     os.makedirs(args.dst, exist_ok=True)
-    prepare(args.src, args.dst, vae, args.vae, resolution=args.resolution, batch_size=args.batch_size,
+    prepare(args.src, args.dst, vae, name, resolution=args.resolution, batch_size=args.batch_size,
             workers=args.workers, chunk_size=args.chunk_size, device=processes.device, rank=processes.rank,
             world_size=processes.world_size)
     cleanup_processes()

@@ -8,7 +8,9 @@ neither network is ever trained.
     preprocessed and split as the official REPA/REG code does (FAMILIES says how, per family).
   Encoders: several of them at once (`--enc-type a,b`), one projector each; REG's token is the first's.
   AutoencoderKL: Stable Diffusion's VAE in plain PyTorch with diffusers' parameter names, so
-    stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names.
+    stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names; any
+    diffusers AutoencoderKL folder of the same design (config.json + weights) loads by its path,
+    e.g. ReaLS's representation-aligned VAE (arXiv 2502.00359) or toy.py's toy VAE.
   StandInEncoder / PixelSpace: stand-ins with the same interfaces, used by the offline built-in
     run where no pretrained weights exist. They exercise the REG code path, nothing more.
   BuiltinViT: DINOv2's design at toy scale, pretrained on the built-in images by toy.py, so that
@@ -19,10 +21,12 @@ Usage:
     cls, patches = enc(images)                                # (N, 768), (N, 256, 768)
     enc = load_encoder("dinov2-vit-b,clip-vit-L", 256)        # -> [cls (N, 768), (N, 1024)], [patches ...]
     vae = load_vae("sd-vae-ft-ema")                           # or path="/path/to/sd-vae-ft-ema"
+    vae = load_vae("/ckpt/reals-vae")                         # a diffusers folder: config.json + weights
     mean, std = vae.encode(images / 127.5 - 1)                # (N, 4, 32, 32) each
     x = sample_posterior(mean, std) * vae.scaling_factor      # the latent SiT denoises
     recon = vae.decode(x / vae.scaling_factor)                # (N, 3, 256, 256) in about [-1, 1]
 """
+import json
 import math
 import os
 from typing import NamedTuple, Optional
@@ -518,19 +522,29 @@ class AutoencoderKL(nn.Module):
     encode: image in [-1, 1] (N, 3, H, W) -> posterior (mean, std), each (N, 4, H/8, W/8).
     decode: unscaled latent (N, 4, h, w) -> image in about [-1, 1] (N, 3, 8h, 8w).
     Latents fed to SiT are posterior samples times `scaling_factor` (the SD-VAE's scaling factor, LDM arXiv 2112.10752).
+    Other sizes of the same design (a diffusers config.json, or toy.py's toy VAE) set the widths;
+    `scaling_factor` is then the config's, or None where it has none (data.py prepare measures it).
     """
-    scaling_factor = 0.18215
 
     def __init__(self, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4,
-                 groups=32, in_channels=3):
+                 groups=32, in_channels=3, scaling_factor=0.18215):
         super().__init__()
         widths = [ch * m for m in ch_mult]
         self.latent_channels = latent_channels
         self.downsample = 2 ** (len(ch_mult) - 1)
+        self.scaling_factor = scaling_factor
         self.encoder = Encoder(in_channels, widths, num_res_blocks, latent_channels, groups)
         self.decoder = Decoder(in_channels, widths, num_res_blocks, latent_channels, groups)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        # The diffusers config.json that describes this network (save_vae_folder writes it).
+        self.config = {"_class_name": "AutoencoderKL", "in_channels": in_channels, "out_channels": in_channels,
+                       "block_out_channels": widths, "layers_per_block": num_res_blocks,
+                       "latent_channels": latent_channels, "norm_num_groups": groups, "act_fn": "silu",
+                       "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+                       "up_block_types": ["UpDecoderBlock2D"] * len(widths)}
+        if scaling_factor is not None:
+            self.config["scaling_factor"] = scaling_factor
         self.requires_grad_(False).eval()
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
@@ -539,6 +553,10 @@ class AutoencoderKL(nn.Module):
 
     @torch.no_grad()
     def encode(self, x):
+        return self.posterior(x)
+
+    def posterior(self, x):
+        """encode with gradients (toy.py trains the toy VAE through it)."""
         moments = self.quant_conv(self.encoder(x))  # (N, 2*C, h, w)
         mean, logvar = moments.chunk(2, dim=1)
         # diffusers' DiagonalGaussianDistribution clamps the log-variance before exp.
@@ -587,15 +605,24 @@ def _local_vae_file(path):
         f"{VAE_WEIGHT_FILES} (e.g. a download of stabilityai/sd-vae-ft-ema).")
 
 
-def load_vae(name="sd-vae-ft-ema", path=None):
-    """The frozen SD-VAE `name` (sd-vae-ft-ema or sd-vae-ft-mse), or PixelSpace for "pixels".
+SD_VAES = ("sd-vae-ft-ema", "sd-vae-ft-mse")
 
-    Weights come from `path` (a file or directory) if given, else from the HF hub cache.
+
+def load_vae(name="sd-vae-ft-ema", path=None):
+    """The frozen VAE `name`: the SD-VAE sd-vae-ft-ema or sd-vae-ft-mse, PixelSpace for "pixels", or
+    any other name is a diffusers AutoencoderKL folder (ReaLS's release, toy.py's toy VAE).
+
+    SD-VAE weights come from `path` (a file or directory) if given, else from the HF hub cache. For
+    a folder, `path` (if given) says where it is now, e.g. when a dataset prepared with it has moved.
     """
     if name == "pixels":
         return PixelSpace()
-    if name not in ("sd-vae-ft-ema", "sd-vae-ft-mse"):
-        raise UserError(f"Unknown VAE {name!r}; choose sd-vae-ft-ema, sd-vae-ft-mse or pixels.")
+    if name not in SD_VAES:
+        folder = path or name
+        if not os.path.isdir(folder):
+            raise UserError(f"Unknown VAE {name!r}; choose sd-vae-ft-ema, sd-vae-ft-mse, pixels, or a diffusers "
+                            f"AutoencoderKL folder (config.json + {VAE_WEIGHT_FILES[0]}){'' if path is None else f'; no folder at {path!r}'}")
+        return load_vae_folder(folder)
     if path is not None:
         file = _local_vae_file(path)
     else:
@@ -604,3 +631,70 @@ def load_vae(name="sd-vae-ft-ema", path=None):
     vae = AutoencoderKL()
     vae.load_state_dict(_read_state_dict(file))
     return vae
+
+
+# diffusers' AutoencoderKL options that change the computation and that this module does not
+# implement, with the value under which they change nothing (the SD-VAE's and ReaLS's).
+_NEUTRAL_OPTIONS = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True,
+                    "mid_block_add_attention": True, "shift_factor": None, "latents_mean": None, "latents_std": None}
+
+
+def load_vae_folder(folder):
+    """A diffusers AutoencoderKL folder -> the frozen AutoencoderKL it describes.
+
+    Reads config.json (the sizes; diffusers' defaults where a size is absent) and the weights file
+    (VAE_WEIGHT_FILES). `scaling_factor` is the config's, or None where the config has none: then
+    data.py prepare measures it on the data (diffusers would assume the SD-VAE's 0.18215 instead,
+    which fits only latents of the SD-VAE's spread). Every missing or mismatched file is a UserError.
+    """
+    what = f"a diffusers AutoencoderKL folder holds config.json and {' or '.join(VAE_WEIGHT_FILES)}"
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"{folder} has no config.json; {what} (ReaLS: download its VAE folder whole)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path} is not readable JSON ({e}); {what}") from e
+    if not isinstance(config, dict) or config.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise UserError(f"{config_path} describes {config.get('_class_name') if isinstance(config, dict) else config!r}, "
+                        f"not an AutoencoderKL; {what}")
+    for key, neutral in _NEUTRAL_OPTIONS.items():
+        if config.get(key, neutral) != neutral:
+            raise UserError(f"{config_path} sets {key}={config[key]!r}, which this code does not implement "
+                            f"(only {key}={neutral!r}); use a VAE of the SD-VAE design")
+    widths = config.get("block_out_channels", [64])  # diffusers' defaults where a size is absent
+    kinds = {*config.get("down_block_types", ["DownEncoderBlock2D"]), *config.get("up_block_types", ["UpDecoderBlock2D"])}
+    if not kinds <= {"DownEncoderBlock2D", "UpDecoderBlock2D"} or config.get("in_channels", 3) != config.get("out_channels", 3):
+        raise UserError(f"{config_path}: blocks {sorted(kinds)} with in/out channels {config.get('in_channels', 3)}/"
+                        f"{config.get('out_channels', 3)}; this code reads the SD-VAE design only "
+                        "(DownEncoderBlock2D/UpDecoderBlock2D, as many channels out as in)")
+    weights = [os.path.join(folder, f) for f in VAE_WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]
+    if not weights:
+        raise UserError(f"{folder} has a config.json but no weights; {what}")
+    vae = AutoencoderKL(ch=1, ch_mult=widths,  # ch * ch_mult = the widths themselves
+                        num_res_blocks=config.get("layers_per_block", 1), latent_channels=config.get("latent_channels", 4),
+                        groups=config.get("norm_num_groups", 32), in_channels=config.get("in_channels", 3),
+                        scaling_factor=config.get("scaling_factor"))
+    try:
+        state = _read_state_dict(weights[0])
+    except Exception as e:  # a truncated or foreign file: safetensors and torch.load raise their own kinds
+        raise UserError(f"{weights[0]} is not a readable weights file ({type(e).__name__}: {str(e)[:120]}); "
+                        "download it again") from e
+    try:
+        vae.load_state_dict(state)
+    except RuntimeError as e:  # torch lists every difference, one per line; the first says enough
+        first = (str(e).splitlines()[1:] or [str(e)])[0].strip().rstrip(".")[:200]
+        raise UserError(f"{weights[0]} does not fit {config_path} ({first}); the two files must come from "
+                        "the same VAE") from e
+    return vae
+
+
+def save_vae_folder(vae, folder):
+    """Write `vae` as a diffusers AutoencoderKL folder: config.json and its weights in safetensors."""
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}
+    safetensors.torch.save_file(state, os.path.join(folder, VAE_WEIGHT_FILES[0]))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(vae.config, f, indent=1)
+    return folder

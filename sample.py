@@ -46,7 +46,8 @@ def make_parser():
     g.add_argument("--encoder-depth", type=number(int, 1), default=8, help="block the projector reads")
     g.add_argument("--z-dim", type=number(int, 1), default=768, help="width of the DINOv2 tokens (768 for ViT-B)")
     g.add_argument("--vae", default="sd-vae-ft-ema", help="VAE the latents decode with")
-    p.add_argument("--vae-path", default=None, help="local VAE weights folder or file; none: the HF hub cache")
+    p.add_argument("--vae-path", default=None, help="local VAE weights folder or file; none: the HF hub cache (a "
+                   "run on data prepared with a VAE folder finds it by the path recorded in its checkpoint)")
     s = p.add_argument_group("sampler")
     s.add_argument("--mode", default="sde", choices=["sde", "ode"], help="sde: Euler-Maruyama; ode: Euler or Heun")
     s.add_argument("--num-steps", type=number(int, 1), default=250, help="sampler steps (the SDE: model evaluations per sample)")

@@ -11,10 +11,16 @@ that scores samples. Both are trained here, on the built-in images (data.py), in
 
     python toy.py encoder --out runs/toy/encoder-p8.pt     # prints its linear-probe accuracy
     python toy.py evaluator --out runs/toy/evaluator.pt    # prints its accuracy and sanity FIDs
+    python toy.py vae --out runs/toy/vae-aligned           # the toy ReaLS VAE (--align-coeff 0: plain)
+
+A third, for the ReaLS lab (labs/reals.py): `python toy.py vae`, a toy KL-VAE of the SD-VAE design,
+plain or with its latents aligned to the teacher's tokens (ReaLS, arXiv 2502.00359; its section below).
 
 The images of each role come from their own seed of the dataset (SEEDS), so the SiT's training
 set, the evaluator's training set and the FID reference set never share an image.
 """
+import json
+import math
 import os
 import tempfile
 import time
@@ -27,7 +33,7 @@ import torch.nn.functional as F
 
 import evaluate
 from data import BUILTIN_DATASETS
-from encoder import BuiltinViT
+from encoder import AutoencoderKL, BuiltinViT, save_vae_folder
 from util import ArgumentParser, UserError, number, run
 
 # Dataset seed of each role. "train" is the seed train.py's built-in run uses (data.BuiltinShapes()).
@@ -240,12 +246,149 @@ def main(argv=None):
         p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="initialisation and batch order")
         if name == "encoder":
             p.add_argument("--patch-size", type=number(int, 1), default=8, help="the SiT's patch size: REPA aligns patch with patch")
+    add_vae_parser(commands)
     args = parser.parse_args(argv)
+    if args.command == "vae":
+        return vae_main(args)
     if args.command == "encoder":
         train_encoder(args.out.format(patch_size=args.patch_size), variant=args.variant, seed=args.seed,
                       patch_size=args.patch_size)
     else:
         train_evaluator(args.out, variant=args.variant, seed=args.seed)
+
+
+# ----------------------------------------------------------------------------- the toy VAE (ReaLS)
+#
+# ReaLS (arXiv 2502.00359) trains the VAE with an alignment network, an MLP from its latents to
+# DINOv2's features at the patch level and the global level; its training code is not public.
+# Our reading, at toy scale, with the toy teacher (BuiltinViT) in DINOv2's place:
+#   loss = MSE(x, decode(z)) + KL_COEFF * KL(q(z|x) || N(0, I)) + align_coeff * (L_patch + L_global)
+#   z the posterior sample (the latent the diffusion model learns); L_patch = mean over the
+#   teacher's T patches of 1 - cos(MLP(z's patch), teacher patch token), the latent patchified so
+#   its grid is the teacher's (REPA's negative cosine, arXiv 2410.06940 Eq. 3); L_global = 1 -
+#   cos(head(mean over patches of the MLP's hidden features), teacher class token). The KL is the
+#   mean over latent numbers; the plain VAE is the same run with align_coeff = 0.
+# The reconstruction term is MSE alone (the SD-VAE adds LPIPS and a GAN, LDM arXiv 2112.10752
+# Sec. 3.1): at 32 pixels and 2 CPU minutes those would cost more than they show.
+
+VAE_CONFIG = dict(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, latent_channels=4, groups=8)  # 32 px -> (4, 8, 8)
+KL_COEFF = 1e-3
+
+
+class LatentAligner(nn.Module):
+    """ReaLS's alignment network, our reading: latent (N, C, h, w) -> (patch features (N, T, D),
+    global feature (N, D)), T = (h / patch)^2 tokens on the teacher's grid."""
+
+    def __init__(self, latent_channels, patch, z_dim, hidden=256):
+        super().__init__()
+        self.patch = patch
+        self.trunk = nn.Sequential(nn.Linear(latent_channels * patch * patch, hidden), nn.SiLU(),
+                                   nn.Linear(hidden, hidden), nn.SiLU())
+        self.to_patch, self.to_global = nn.Linear(hidden, z_dim), nn.Linear(hidden, z_dim)
+
+    def forward(self, z):
+        p = self.patch
+        N, C, h, w = z.shape
+        tokens = z.reshape(N, C, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(N, -1, C * p * p)  # (N, T, C p p)
+        hidden = self.trunk(tokens)  # (N, T, hidden)
+        return self.to_patch(hidden), self.to_global(hidden.mean(1))  # (N, T, D), (N, D)
+
+
+def alignment_loss(patches, cls, teacher_patches, teacher_cls):
+    """L_patch + L_global: 1 - cosine similarity, averaged over tokens and images (the comment above)."""
+    patch_term = 1 - F.cosine_similarity(patches, teacher_patches, dim=-1).mean()
+    global_term = 1 - F.cosine_similarity(cls, teacher_cls, dim=-1).mean()
+    return patch_term + global_term
+
+
+def kl_loss(mean, std):
+    """KL(N(mean, std^2) || N(0, 1)), averaged over the latent's numbers."""
+    return 0.5 * (mean ** 2 + std ** 2 - 1 - 2 * torch.log(std)).mean()
+
+
+def train_vae(out_dir, encoder_path=None, align_coeff=0.5, variant="hard", num_images=5000, resolution=32,
+              epochs=4, batch_size=64, lr=2e-3, seed=0, probe_images=2000, device="cpu"):
+    """Train a toy KL-VAE of the SD-VAE design (VAE_CONFIG), with the alignment to the teacher at
+    encoder_path when align_coeff > 0; save it as a diffusers AutoencoderKL folder (no scaling
+    factor: data.py prepare measures it) and return (folder, figures)."""
+    check_writable(os.path.join(out_dir, "config.json"))
+    x, y = images(variant, "train", num_images, resolution)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**VAE_CONFIG, scaling_factor=None).to(device)
+    vae.requires_grad_(True).train()
+    parameters = list(vae.parameters())
+    if align_coeff > 0:
+        teacher = BuiltinViT.load(encoder_path, resolution).to(device)
+        with torch.no_grad():  # the teacher is frozen: its tokens once, (N, D) and (N, T, D)
+            parts = [teacher(x[i:i + 500].to(device)) for i in range(0, len(x), 500)]
+            t_cls, t_patches = torch.cat([c for c, _ in parts]), torch.cat([p for _, p in parts])
+        grid = resolution // vae.downsample
+        aligner = LatentAligner(vae.latent_channels, grid // int(t_patches.shape[1] ** 0.5), teacher.z_dim).to(device)
+        parameters += list(aligner.parameters())
+
+    def loss_of(batch):
+        images_ = x[batch].to(device).float() / 127.5 - 1
+        mean, std = vae.posterior(images_)
+        z = mean + std * torch.randn_like(mean)
+        loss = F.mse_loss(vae.decoder(vae.post_quant_conv(z)), images_) + KL_COEFF * kl_loss(mean, std)
+        if align_coeff > 0:
+            loss = loss + align_coeff * alignment_loss(*aligner(z), t_patches[batch.to(device)], t_cls[batch.to(device)])
+        return loss
+
+    start = time.time()
+    _fit(parameters, loss_of, len(x), epochs, batch_size, lr, seed)
+    vae.requires_grad_(False).eval()
+    save_vae_folder(vae.cpu(), out_dir)
+    figures = {"seconds": time.time() - start, **vae_figures(vae, variant, resolution, probe_images)}
+    with open(os.path.join(out_dir, "toy_vae.json"), "w") as f:
+        json.dump({"align_coeff": align_coeff, "kl_coeff": KL_COEFF, "epochs": epochs, "variant": variant,
+                   "encoder": encoder_path, **figures}, f, indent=1)
+    print(f"toy VAE ({'aligned, ' + str(align_coeff) if align_coeff > 0 else 'plain'}): {figures['seconds']:.0f} s; "
+          f"reconstruction PSNR {figures['psnr']:.2f} dB, linear probe on its latents "
+          f"{figures['probe_accuracy']:.3f} -> {out_dir}")
+    return out_dir, figures
+
+
+@torch.no_grad()
+def vae_figures(vae, variant="hard", resolution=32, num_images=2000):
+    """Reconstruction PSNR (dB, pixels in [0, 255]) of held-out images through the posterior mean,
+    their reconstructions as uint8, and the held-out accuracy of a linear probe on the flattened
+    posterior mean (fitted on training images' latents, as linear_probe on the class token)."""
+    x_test, y_test = images(variant, "reference", num_images, resolution)
+    x_train, y_train = images(variant, "train", num_images, resolution)
+
+    def means(x):
+        return torch.cat([vae.encode(x[i:i + 500].float() / 127.5 - 1)[0] for i in range(0, len(x), 500)])
+
+    m_test = means(x_test)
+    recon = torch.cat([vae.decode(m_test[i:i + 500]) for i in range(0, len(m_test), 500)])
+    recon = torch.clamp(255 * (recon + 1) / 2, 0, 255).round()  # as util.to_uint8
+    mse = ((recon - x_test.float()) ** 2).mean().item()
+    f_train, f_test = means(x_train).flatten(1), m_test.flatten(1)
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train, f_test = (f_train - mu) / sd, (f_test - mu) / sd
+    probe = nn.Linear(f_train.shape[1], int(y_train.max()) + 1)
+    with torch.enable_grad():
+        _fit(probe.parameters(), lambda b: F.cross_entropy(probe(f_train[b]), y_train[b]), len(f_train), 30,
+             min(100, len(f_train)), 1e-2, 0)
+    return {"psnr": 10 * math.log10(255 ** 2 / mse), "probe_accuracy": (probe(f_test).argmax(1) == y_test).float().mean().item()}
+
+
+def vae_main(args):
+    if args.align_coeff > 0 and not os.path.isfile(args.enc_path):
+        raise UserError(f"the aligned VAE needs the teacher {args.enc_path}; make it with: python toy.py encoder "
+                        f"--variant {args.variant} (or give --align-coeff 0 for the plain VAE)")
+    train_vae(args.out, args.enc_path, args.align_coeff, variant=args.variant, seed=args.seed, epochs=args.epochs)
+
+
+def add_vae_parser(commands):
+    p = commands.add_parser("vae", help="train the toy KL-VAE, aligned with the teacher (ReaLS) or plain")
+    p.add_argument("--out", default="runs/toy/vae-aligned", help="diffusers AutoencoderKL folder to write")
+    p.add_argument("--align-coeff", type=number(float, 0), default=0.5, help="alignment weight; 0: the plain VAE")
+    p.add_argument("--enc-path", default="runs/toy/encoder-p8.pt", help="the teacher (python toy.py encoder)")
+    p.add_argument("--variant", default="hard", choices=sorted(BUILTIN_DATASETS), help="built-in dataset")
+    p.add_argument("--epochs", type=number(int, 1), default=4, help="passes over the 5,000 training images")
+    p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="initialisation and batch order")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,8 @@ def get_args(argv=None):
                         "comma-separated: a projector each, REG's token from the first")
     p.add_argument("--enc-path", default=None, help="local encoder weights file (none: timm's hub weights; mocov3 and "
                    "jepa need one), comma-separated for several encoders, or builtin-vit's file from `python toy.py encoder`")
-    p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
+    p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids; for a "
+                   "dataset prepared with a VAE folder (ReaLS), where that folder is now")
     p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"], help="interpolant")
@@ -427,6 +428,10 @@ def build_monitors(args, dataset, z_dim, processes, run_dir):
     device, master = processes.device, processes.master
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master or args.eval_every else None
+        if vae is not None and (vae.latent_channels, vae.downsample) != (dataset.latent_channels, dataset.downsample):
+            raise UserError(f"the VAE {args.vae_path or dataset.vae} makes {vae.latent_channels}-channel latents at 1/"
+                            f"{vae.downsample} and {args.data_path} holds {dataset.latent_channels} at 1/"
+                            f"{dataset.downsample}; give --vae-path the VAE the data was prepared with")
         evaluation = Evaluation(args, dataset, z_dim, vae, processes, run_dir) if args.eval_every else None
     grid = SampleGrid(args, dataset, z_dim, vae, device) if master else None
     memorization = Memorization(args, dataset, z_dim, device, run_dir) if args.mem_every and master else None
