@@ -1,12 +1,15 @@
 """What the closed-form and memorization labs share: sampling a train.py checkpoint with sample.py's
-own functions, the sample-quality measure, line plots drawn with PIL and the markdown table.
+own functions, the sample-quality measure, line plots drawn with PIL, the markdown table, and the
+clock that writes a lab's wall time, CPU time and the machine's load into its results.
 
 Not an experiment: labs/closed_form.py and labs/memorization.py import it.
 """
 import json
 import math
 import os
+import resource
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -17,13 +20,28 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 import sample  # noqa: E402
-from data import BuiltinShapes  # noqa: E402
+from data import BUILTIN_DATASETS  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from model import read_checkpoint  # noqa: E402
 
 # The held-out images that sample quality is measured against: the built-in data of another seed
-# (train.py trains on seed 0), so no training image is among them.
+# (train.py trains on seed 0; toy.py's "reference" role), so no training image is among them.
 REFERENCE_SEED = 2
+
+
+class Clock:
+    """A lab's cost, for its results JSON: wall seconds, CPU seconds of the lab and of its finished
+    workers, the core count and the 1, 5, 15-minute load averages before and after. On a busy
+    machine the wall time is not the idle time; CPU seconds / cores is closer to it (README.md,
+    "Labs on a CPU", says how the presets were sized)."""
+
+    def __init__(self):
+        self.start, self.load = time.time(), os.getloadavg()
+
+    def record(self):
+        used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return dict(seconds=time.time() - self.start, cpu_seconds=sum(u.ru_utime + u.ru_stime for u in used),
+                    cores=os.cpu_count(), loadavg_before=self.load, loadavg_after=os.getloadavg())
 
 
 def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
@@ -42,20 +60,21 @@ def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
 
 
 class Quality:
-    """Sample quality against held-out built-in images. With toy.py's evaluator (a small classifier
-    trained on other held-out images), its FID, precision, recall and accuracy. Without toy.py, two measures in
+    """Sample quality against held-out images of a built-in dataset (data.BUILTIN_DATASETS: variant,
+    resolution). With toy.py's evaluator (a small classifier trained on other held-out images), its
+    FID, precision, recall and accuracy. Without toy.py, two measures in
     pixel space that need no trained network: `pixel_fd`, the Frechet distance (evaluate.py's) of
-    4x4-average-pooled pixels (48 numbers per image), and `nn_accuracy`, the share of samples whose
+    pixels average-pooled to 4x4 (48 numbers per image), and `nn_accuracy`, the share of samples whose
     nearest held-out image (L2 in pixels) has the label the sample was asked for."""
 
-    def __init__(self, evaluator=None, num_reference=2000, device="cpu"):
-        ref = BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED)
+    def __init__(self, evaluator=None, num_reference=2000, device="cpu", variant="shapes", resolution=32):
+        ref = BUILTIN_DATASETS[variant](num_reference, resolution, seed=REFERENCE_SEED)  # digits: its 1,000
         self.reference, self.labels = torch.from_numpy(ref.images), torch.from_numpy(ref.labels)
         self.net, self.device = None, device
         if evaluator:
             import toy  # issue 18's toy evaluator (toy.py at the repository root)
-            if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
-                toy.train_evaluator(evaluator, variant="shapes")
+            if not os.path.exists(evaluator):  # trained on held-out images of the lab's data
+                toy.train_evaluator(evaluator, variant=variant, resolution=resolution)
             self.net, self.toy = toy.load_evaluator(evaluator, device), toy
         self.names = ("fid", "precision", "recall", "accuracy") if self.net else ("pixel_fd", "nn_accuracy")
         self.main = self.names[0]  # the number whose minimum over training is tau_gen
@@ -63,7 +82,7 @@ class Quality:
     def __call__(self, samples, labels):
         if self.net is not None:
             return self.toy.toy_metrics(self.net, samples, labels, self.reference)
-        pooled = [torch.nn.functional.avg_pool2d(x.double() / 127.5 - 1, 8).flatten(1).numpy()
+        pooled = [torch.nn.functional.adaptive_avg_pool2d(x.double() / 127.5 - 1, 4).flatten(1).numpy()
                   for x in (samples, self.reference)]
         with warnings.catch_warnings():  # a collapsed set of samples has a singular covariance
             warnings.simplefilter("ignore")
@@ -73,9 +92,11 @@ class Quality:
         return {"pixel_fd": fd, "nn_accuracy": accuracy}
 
 
-def default_evaluator():
-    """The toy evaluator's file when toy.py exists (trained on first use), else None (pixel measures)."""
-    return os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
+def default_evaluator(variant="shapes", resolution=32):
+    """The toy evaluator's file for this built-in dataset and resolution when toy.py exists (trained
+    on first use), else None (pixel measures)."""
+    name = f"evaluator-{variant}{'' if resolution == 32 else f'-{resolution}px'}.pt"
+    return os.path.join(REPO, "runs", "toy", name) if os.path.exists(os.path.join(REPO, "toy.py")) else None
 
 
 def require_gpu(parser, device):
@@ -170,7 +191,7 @@ def train_and_evaluate(flags, train_images, num_samples, sample_steps, device, e
     args = train.get_args(flags)
     train.main(args)
     ckpt_dir = os.path.join(args.output_dir, args.exp_name, "checkpoints")
-    quality = Quality(evaluator, device=device)
+    quality = Quality(evaluator, device=device, variant=args.builtin, resolution=args.resolution or 32)
     rows = []
     for name in sorted(os.listdir(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)

@@ -123,3 +123,27 @@ def test_a_cuda_lab_without_a_gpu_is_a_one_line_error(name, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_:
         lab.get_args(["--device", "cuda"])
     assert exit_.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
+
+
+def test_the_memorization_cpu_preset_trains_plain_sit_on_8px_digits_at_batch_min_n_cap():
+    import train
+    lab = load_lab("memorization")
+    args = lab.get_args([])
+    for n in args.preset["ns"]:
+        run = train.get_args(lab.job(n, 0, args)["flags"])
+        assert (run.builtin, run.resolution, run.model, run.num_images) == ("digits", 8, "SiT-T/4", n)
+        assert (run.proj_coeff, run.cls_coeff) == (0, 0)  # plain SiT: train.py's, through train.main
+        assert run.global_batch_size == min(n, args.preset["cap"])  # Bonnaire et al.'s rule, cap ours
+        assert run.max_train_steps == args.preset["steps_per_image"] * n
+
+
+def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path):
+    """One worker end to end (train.main, then each checkpoint sampled and measured), on 8x8 shapes
+    for 2 steps, with the pixel measures (no evaluator)."""
+    lab = load_lab("memorization")
+    args = lab.get_args(["--data", "shapes", "--ns", "10", "--steps-per-image", "1", "--out", str(tmp_path)])
+    args.preset.update(evals=2, samples=4, sample_steps=2)
+    spec = {**lab.job(10, 0, args), "evaluator": None}
+    lab.worker(json.loads(json.dumps(spec)))
+    rows = json.loads(open(spec["out_json"]).read())
+    assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["mem_frac"] <= 1 and r["pixel_fd"] >= 0 for r in rows)
