@@ -5,7 +5,7 @@ The same model is trained (train.main) on the first n images of a built-in datas
 each for the same number of steps per image (steps / n), at the paper's batch rule min(n, cap).
 Every few steps the EMA's samples are measured: their memorized fraction (evaluate.memorized_fraction,
 d1 / d2 < 1/3 in pixels against the n training images) and their quality against held-out images
-(labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet distance).
+(labs/common.py: the FID of toy.py's evaluator).
 The paper's finding: quality is reached at tau_gen, independent of n; memorization starts later, at
 tau_mem proportional to n, so the curves of memorized fraction against steps / n fall on one another.
 
@@ -14,8 +14,8 @@ tau_mem proportional to n, so the curves of memorized fraction against steps / n
     python labs/memorization.py --device cuda      # one H200: SiT-T/4 + REG on 32x32 shapes, n = 16 .. 128, 3 seeds
 Each invocation runs the (n, seed) pairs not yet done and redraws everything from all results so far.
 Definitions: tau_mem = the first step at which the memorized fraction reaches 0.1 (linear between
-evaluations; none if it never does); tau_gen = the step of the best (lowest) FID / pixel FD.
-Writes labs/out/memorization/: memorization.png, results.json / results.md (with the wall time, CPU
+evaluations; none if it never does); tau_gen = the step of the best (lowest) toy FID.
+Writes runs/labs/memorization/: memorization.png, results.json / results.md (with the wall time, CPU
 time and load), runs/ (per-run rows, logs).
 """
 import argparse
@@ -50,7 +50,7 @@ def get_args(argv=None):
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="one run per (n, seed)")
     p.add_argument("--steps-per-image", type=number(int, 1), default=None, help="training steps = this x n; none: preset")
     p.add_argument("--data", default=None, choices=sorted(BUILTIN_DATASETS), help="built-in dataset; none: the preset's")
-    p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "memorization"))
+    p.add_argument("--out", default=os.path.join(common.REPO, "runs", "labs", "memorization"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = p.parse_args(argv)
     common.require_gpu(p, args.device)
@@ -74,15 +74,15 @@ def job(n, seed, args):
              "--sample-steps", str(p["sample_steps"]), "--sample-cfg-scale", "1",  # the last step's grid: cheap
              "--log-every", str(max(1, steps // 20)), "--ema-decay", str(p["ema"]), "--no-compile"]
     return dict(name=name, n=n, seed=seed, flags=flags, samples=p["samples"], sample_steps=p["sample_steps"],
-                device=args.device, evaluator=common.default_evaluator(p["data"], p["resolution"]),
-                data=p["data"], resolution=p["resolution"], out_json=os.path.join(args.out, "runs", f"{name}.json"))
+                device=args.device, data=p["data"], resolution=p["resolution"],
+                out_json=os.path.join(args.out, "runs", f"{name}.json"))
 
 
 def worker(spec):
     data = BUILTIN_DATASETS[spec["data"]](resolution=spec["resolution"])
     train_images = data.first(spec["n"]).images  # the run's training set, uint8
     common.train_and_evaluate(spec["flags"], train_images, spec["samples"], spec["sample_steps"], spec["device"],
-                              spec["evaluator"], spec["out_json"])
+                              spec["out_json"])
 
 
 def crossing(rows, key, level):
@@ -98,7 +98,7 @@ def crossing(rows, key, level):
 
 def summarise(args, runs):
     """Per n: tau_mem, tau_gen (mean, std over seeds) and the last evaluation; the fit of tau_mem on n."""
-    quality_key = next(k for k in ("fid", "pixel_fd") if k in next(iter(runs.values()))[0])
+    quality_key = "fid"
     table, points = [], []
     for n in sorted({n for n, _ in runs}):
         per_seed = [rows for (m, _), rows in sorted(runs.items()) if m == n]
@@ -147,8 +147,7 @@ def plot(args, runs, table, quality_key, path):
 def main(args):
     clock, p = common.Clock(), args.preset
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    # Trains the toy evaluator here, once, if it is not there yet.
-    common.Quality(common.default_evaluator(p["data"], p["resolution"]), variant=p["data"], resolution=p["resolution"])
+    common.Quality(variant=p["data"], resolution=p["resolution"])  # trains the toy evaluator here, once, if absent
     # Phase 1: the runs not done yet (each trains, then evaluates its checkpoints).
     jobs = [job(n, seed, args) for n in sorted(args.preset["ns"], reverse=True) for seed in args.seeds]  # longest first
     common.run_workers(os.path.abspath(__file__), jobs, args.preset["parallel"])

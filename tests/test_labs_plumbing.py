@@ -103,6 +103,16 @@ def test_memorization_tau_mem_is_the_linear_crossing_and_the_fit_recovers_a_cloc
     assert [row["runs_memorizing"] for row in table] == ["2/2"] * 3
 
 
+def test_memorization_tau_gen_is_the_step_of_the_best_quality():
+    """Guards the memorization lab's tau_gen: the step of the lowest FID of each run (the best),
+    averaged over seeds, not of the highest."""
+    lab = load_lab("memorization")
+    runs = {(8, seed): [{"step": s, "mem_frac": 0.0, "fid": fid} for s, fid in zip((10, 20, 30), fids)]
+            for seed, fids in ((0, (5.0, 1.0, 9.0)), (1, (9.0, 5.0, 1.0)))}
+    table, _, key = lab.summarise(None, runs)
+    assert key == "fid" and table[0]["tau_gen"] == pytest.approx(25.0)  # steps 20 and 30
+
+
 def test_the_optional_unconditional_repa_arm_differs_from_the_others_only_in_its_own_flags():
     import train
     lab = load_lab("reg_vs_repa")
@@ -137,13 +147,25 @@ def test_the_memorization_cpu_preset_trains_plain_sit_on_8px_digits_at_batch_min
         assert run.max_train_steps == args.preset["steps_per_image"] * n
 
 
-def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path):
+def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path, monkeypatch):
     """One worker end to end (train.main, then each checkpoint sampled and measured), on 8x8 shapes
-    for 2 steps, with the pixel measures (no evaluator)."""
+    for 10 steps; the toy evaluator replaced by a stub that sees the run's data and the samples."""
+    seen = []
+
+    class Stub:
+        def __init__(self, device="cpu", variant="shapes", resolution=32):
+            seen.append((variant, resolution))
+
+        def __call__(self, samples, labels):
+            assert samples.shape == (4, 3, 8, 8) and len(labels) == 4
+            return {"fid": 1.0}
+
+    monkeypatch.setattr(common, "Quality", Stub)
     lab = load_lab("memorization")
     args = lab.get_args(["--data", "shapes", "--ns", "10", "--steps-per-image", "1", "--out", str(tmp_path)])
     args.preset.update(evals=2, samples=4, sample_steps=2)
-    spec = {**lab.job(10, 0, args), "evaluator": None}
+    spec = lab.job(10, 0, args)
     lab.worker(json.loads(json.dumps(spec)))
     rows = json.loads(open(spec["out_json"]).read())
-    assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["mem_frac"] <= 1 and r["pixel_fd"] >= 0 for r in rows)
+    assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["mem_frac"] <= 1 and r["fid"] == 1 for r in rows)
+    assert seen == [("shapes", 8)]
