@@ -43,6 +43,8 @@ ARMS = ("none", "source", "target", "joint")
 PAPER_LENGTH = {"none": (1.5355, 0.0024), "source": (0.7432, 0.0019), "target": (0.7129, 0.0010),
                 "joint": (0.7121, 0.0011)}
 COLORS = {"none": (90, 90, 90), "source": (31, 119, 180), "target": (214, 39, 40), "joint": (44, 160, 44)}
+MAP_COLORS = {("source", "mu0"): COLORS["source"], ("target", "mu1"): COLORS["target"],
+              ("joint", "mu0"): COLORS["joint"], ("joint", "mu1"): (150, 60, 170)}  # the joint arm's two maps apart
 
 
 def sinusoidal(v, dim=8, max_period=100.0):
@@ -158,19 +160,35 @@ def exact_lengths():
     return folded, sd * math.sqrt(2 / math.pi)
 
 
-def plot(runs, keys, path, title):
+def contrast(row):
+    """How far apart the maps move the two classes' paths: (mu0 - mu1)(+1.5) - (mu0 - mu1)(-1.5), 3.0
+    (the class means' gap) for the shortest paths; 0 without maps."""
+    return (row.get("mu0_1", 0) - row.get("mu1_1", 0)) - (row.get("mu0_0", 0) - row.get("mu1_0", 0))
+
+
+def _band(name, curves, value, colour):
+    """A series of plot.line_plot: value(row) over training, mean over seeds, band min..max over seeds."""
+    per_step = [[value(c[j]) for c in curves] for j in range(len(curves[0]))]  # [step][seed]
+    return dict(name=name, colour=colour, x=[row["step"] for row in curves[0]], y=[sum(v) / len(v) for v in per_step],
+                band=([min(v) for v in per_step], [max(v) for v in per_step]))
+
+
+def plot(runs, keys, path, title, shifts=False):
     """One panel per (key, label, log-scale) of `keys`: each arm's mean over seeds against the step,
-    band min..max over seeds."""
-    panels = []
-    for key, label, log in keys:
-        series = []
-        for arm in dict.fromkeys(r["arm"] for r in runs):
-            curves = [r["curve"] for r in runs if r["arm"] == arm]
-            per_step = [[c[j][key] for c in curves] for j in range(len(curves[0]))]  # [step][seed]
-            series.append(dict(name=arm, colour=COLORS.get(arm, (0, 0, 0)), x=[row["step"] for row in curves[0]],
-                               y=[sum(v) / len(v) for v in per_step],
-                               band=([min(v) for v in per_step], [max(v) for v in per_step])))
-        panels.append(dict(title=label, xlabel="step", log_y=log, series=series))
+    band min..max over seeds. shifts: then also the paper's Fig. 3b, each map's learned shift of
+    each class over training, and the maps' class contrast."""
+    arms = {arm: [r["curve"] for r in runs if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in runs)}
+    panels = [dict(title=label, xlabel="step", log_y=log,
+                   series=[_band(arm, curves, lambda row, k=key: row[k], COLORS.get(arm, (0, 0, 0)))
+                           for arm, curves in arms.items()]) for key, label, log in keys]
+    if shifts:
+        maps = [(arm, m) for arm in arms for m in ("mu0", "mu1") if f"{m}_0" in arms[arm][0][0]]
+        for c, mean in enumerate(MEANS):
+            panels.append(dict(title=f"learned shifts of class {c} (data mean {mean:+.1f}), as the paper's Fig. 3b",
+                               xlabel="step", series=[_band(f"{arm} {m}", arms[arm], lambda row, k=f"{m}_{c}": row[k],
+                                                            MAP_COLORS[(arm, m)]) for arm, m in maps]))
+        panels.append(dict(title="class contrast of the maps (3.0: the shortest paths)", xlabel="step",
+                           series=[_band(arm, arms[arm], contrast, COLORS[arm]) for arm in arms if arm != "none"]))
     line_plot(panels, path, width=760, height=240, title=title)
 
 
@@ -180,7 +198,7 @@ def report(runs, args, seconds, load):
     rows = []
     for run in runs:  # how far apart the maps move the two classes' paths: 3.0 (the class means' gap) at best
         f = run["final"]
-        f["contrast"] = (f.get("mu0_1", 0) - f.get("mu1_1", 0)) - (f.get("mu0_0", 0) - f.get("mu1_0", 0))
+        f["contrast"] = contrast(f)
     for arm in dict.fromkeys(r["arm"] for r in runs):
         finals = [r["final"] for r in runs if r["arm"] == arm]
         row = dict(arm=arm, runs=len(finals))
@@ -218,7 +236,8 @@ def report(runs, args, seconds, load):
     if args.learn_scale:
         keys = [("s0_1", "learned noise scale s0 (class 1)", False), ("s1_1", "learned data scale s1 (class 1)", False),
                 ("loss", "training loss", True)]
-    plot(runs, keys, os.path.join(args.out, f"{name}.png"), f"CAR-Flow 1-D (arXiv 2509.19300 section 4.1): {command}")
+    plot(runs, keys, os.path.join(args.out, f"{name}.png"), f"CAR-Flow 1-D (arXiv 2509.19300 section 4.1): {command}",
+         shifts=not args.learn_scale)
     print("\n".join(lines))
 
 
