@@ -169,3 +169,17 @@ def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path, monkeypatch)
     rows = json.loads(open(spec["out_json"]).read())
     assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["mem_frac"] <= 1 and r["fid"] == 1 for r in rows)
     assert seen == [("shapes", 8)]
+
+
+def test_carflow_1d_at_smoke_size_writes_the_paper_column_the_shift_panels_and_its_load(tmp_path):
+    import argparse
+    lab = load_lab("carflow_1d")
+    args = argparse.Namespace(steps=4, batch=16, lr=3e-3, seeds=1, eval_every=2, eval_samples=20, learn_scale=False,
+                              workers=1, out=str(tmp_path))
+    runs = [lab.train_arm(arm, 0, args) for arm in lab.ARMS]
+    assert [row["step"] for row in runs[-1]["curve"]] == [1, 2, 4] and "mu1_1" in runs[-1]["curve"][0]
+    lab.report(runs, args, 1.0, [(3.0, 2.0, 1.0), (4.0, 2.5, 1.2)])
+    saved = json.loads((tmp_path / "arms.json").read_text())
+    assert (saved["loadavg_before"], saved["loadavg_after"]) == ([3.0, 2.0, 1.0], [4.0, 2.5, 1.2])
+    assert "| joint |" in (tmp_path / "arms.md").read_text() and "0.7121 ± 0.0011" in (tmp_path / "arms.md").read_text()
+    assert (tmp_path / "arms.png").stat().st_size > 0
