@@ -19,7 +19,7 @@ The default is the paper's length, 50,000 steps, and the table stands beside its
 processes, and writes its wall time and the machine's load (os.getloadavg before and after) into
 the JSON (times: README.md, "CAR-Flow"):
     python labs/carflow_1d.py                  # -> labs/results/carflow_1d/cpu/arms.{png,json,md}
-    python labs/carflow_1d.py --learn-scale    # -> labs/results/carflow_1d/cpu/collapse.{png,json,md}
+    python labs/carflow_1d.py --learn-scale --steps 3000 --eval-every 100   # -> .../cpu/collapse.{png,json,md}
 """
 import json
 import math
