@@ -121,7 +121,7 @@ def summarise(args, runs):
     return table, fit, quality_key
 
 
-def plot(args, runs, table, quality_key, path):
+def plot(args, runs, table, fit, quality_key, path):
     def curves(key, x_of):
         series = []
         for n in sorted({n for n, _ in runs}):
@@ -139,7 +139,9 @@ def plot(args, runs, table, quality_key, path):
              series=curves("mem_frac", lambda s, n: s / n)),
         dict(title=f"sample quality ({quality_key}, lower is better) against steps", xlabel="step",
              series=curves(quality_key, lambda s, n: s)),
-        dict(title=f"tau_mem (mem_frac >= {MEM_LEVEL}) and tau_gen (best {quality_key}) against n", xlabel="n",
+        dict(title=f"tau_mem (mem_frac >= {MEM_LEVEL}), tau_gen (best {quality_key}) vs n"
+             + (f"; fit {fit['slope_steps_per_image']:.1f} steps/image, exponent {fit['loglog_exponent']:.2f}"
+                if fit else ""), xlabel="n",
              log_x=True, series=taus),
     ], path)
 
@@ -160,7 +162,7 @@ def main(args):
                 runs[(n, seed)] = json.load(f)
     table, fit, quality_key = summarise(args, runs)
     # Phase 3: plot and tables, with the command.
-    plot(args, runs, table, quality_key, os.path.join(args.out, "memorization.png"))
+    plot(args, runs, table, fit, quality_key, os.path.join(args.out, "memorization.png"))
     command = "python labs/memorization.py " + " ".join(sys.argv[1:])
     cost = clock.record()
     header = (f"Memorization clock, `{command}` (preset {args.device}: {args.preset}; {cost['seconds']:.0f} s, "
