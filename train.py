@@ -167,6 +167,9 @@ def check_args(p, args):
             p.error(f"--eval-every needs {flag}: {'no file at ' + path if path else 'not given'}")
     if args.resolution is not None and args.data_path is not None:
         p.error("--resolution is for the built-in data; a prepared dataset (--data-path) has its own, drop it")
+    if args.resolution is not None and args.resolution % int(args.model.split("/")[1]):
+        p.error(f"--resolution {args.resolution} is not a multiple of {args.model}'s patch size; "
+                f"give a multiple of {args.model.split('/')[1]}")
     if args.eval_every:
         try:  # the reference batch's layout, from its headers alone
             evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
