@@ -149,7 +149,7 @@ def test_the_memorization_cpu_preset_trains_plain_sit_on_8px_digits_at_batch_min
 
 def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path, monkeypatch):
     """One worker end to end (train.main, then each checkpoint sampled and measured), on 8x8 shapes
-    for 10 steps; the toy evaluator replaced by a stub that sees the run's data and the samples."""
+    for 4 steps; the toy evaluator replaced by a stub that sees the run's data and the samples."""
     seen = []
 
     class Stub:
@@ -162,12 +162,12 @@ def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path, monkeypatch)
 
     monkeypatch.setattr(common, "Quality", Stub)
     lab = load_lab("memorization")
-    args = lab.get_args(["--data", "shapes", "--ns", "10", "--steps-per-image", "1", "--out", str(tmp_path)])
+    args = lab.get_args(["--data", "shapes", "--ns", "4", "--steps-per-image", "1", "--out", str(tmp_path)])
     args.preset.update(evals=2, samples=4, sample_steps=2)
-    spec = lab.job(10, 0, args)
+    spec = lab.job(4, 0, args)
     lab.worker(json.loads(json.dumps(spec)))
     rows = json.loads(open(spec["out_json"]).read())
-    assert [r["step"] for r in rows] == [5, 10] and all(0 <= r["mem_frac"] <= 1 and r["fid"] == 1 for r in rows)
+    assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["mem_frac"] <= 1 and r["fid"] == 1 for r in rows)
     assert seen == [("shapes", 8)]
 
 
