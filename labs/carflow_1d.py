@@ -14,10 +14,12 @@ each class's samples to its Gaussian (averaged over the classes) over training, 
 shifts. --learn-scale is the paper's collapse demonstration (its Claim 1): the joint maps learn a
 scale too, z_1 = s0(y) eps + mu0(y) and z_0 = s1(y) x + mu1(y), and the scales run to zero, where
 the loss has a zero-cost minimum. Writes a PNG, a JSON and a markdown table to --out.
-CPU only (a 2K-parameter MLP gains nothing from a GPU); each command spreads its runs over
---workers processes (measured on 2 shared cores: 253 s and 67 s):
-    python labs/carflow_1d.py                  # -> labs/results/carflow_1d/arms.{png,json,md}
-    python labs/carflow_1d.py --learn-scale    # -> labs/results/carflow_1d/collapse.{png,json,md}
+The default is the paper's length, 50,000 steps, and the table stands beside its Table 2. CPU only
+(a 2K-parameter MLP gains nothing from a GPU); each command spreads its runs over --workers
+processes, and writes its wall time and the machine's load (os.getloadavg before and after) into
+the JSON (times: README.md, "CAR-Flow"):
+    python labs/carflow_1d.py                  # -> labs/results/carflow_1d/cpu/arms.{png,json,md}
+    python labs/carflow_1d.py --learn-scale --steps 3000 --eval-every 100   # -> .../cpu/collapse.{png,json,md}
 """
 import json
 import math
@@ -36,7 +38,13 @@ from util import ArgumentParser, number  # noqa: E402
 
 MEANS, STD = (-1.5, 1.5), 0.2  # the two classes' data, section 4.1
 ARMS = ("none", "source", "target", "joint")
+# The paper's Table 2 (arXiv 2509.19300, section 4.1): mean trajectory length per arm, mean and its
+# "±", which is two standard deviations over 3 runs (ours: one standard deviation over --seeds).
+PAPER_LENGTH = {"none": (1.5355, 0.0024), "source": (0.7432, 0.0019), "target": (0.7129, 0.0010),
+                "joint": (0.7121, 0.0011)}
 COLORS = {"none": (90, 90, 90), "source": (31, 119, 180), "target": (214, 39, 40), "joint": (44, 160, 44)}
+MAP_COLORS = {("source", "mu0"): COLORS["source"], ("target", "mu1"): COLORS["target"],
+              ("joint", "mu0"): COLORS["joint"], ("joint", "mu1"): (150, 60, 170)}  # the joint arm's two maps apart
 
 
 def sinusoidal(v, dim=8, max_period=100.0):
@@ -152,29 +160,45 @@ def exact_lengths():
     return folded, sd * math.sqrt(2 / math.pi)
 
 
-def plot(runs, keys, path, title):
+def contrast(row):
+    """How far apart the maps move the two classes' paths: (mu0 - mu1)(+1.5) - (mu0 - mu1)(-1.5), 3.0
+    (the class means' gap) for the shortest paths; 0 without maps."""
+    return (row.get("mu0_1", 0) - row.get("mu1_1", 0)) - (row.get("mu0_0", 0) - row.get("mu1_0", 0))
+
+
+def _band(name, curves, value, colour):
+    """A series of plot.line_plot: value(row) over training, mean over seeds, band min..max over seeds."""
+    per_step = [[value(c[j]) for c in curves] for j in range(len(curves[0]))]  # [step][seed]
+    return dict(name=name, colour=colour, x=[row["step"] for row in curves[0]], y=[sum(v) / len(v) for v in per_step],
+                band=([min(v) for v in per_step], [max(v) for v in per_step]))
+
+
+def plot(runs, keys, path, title, shifts=False):
     """One panel per (key, label, log-scale) of `keys`: each arm's mean over seeds against the step,
-    band min..max over seeds."""
-    panels = []
-    for key, label, log in keys:
-        series = []
-        for arm in dict.fromkeys(r["arm"] for r in runs):
-            curves = [r["curve"] for r in runs if r["arm"] == arm]
-            per_step = [[c[j][key] for c in curves] for j in range(len(curves[0]))]  # [step][seed]
-            series.append(dict(name=arm, colour=COLORS.get(arm, (0, 0, 0)), x=[row["step"] for row in curves[0]],
-                               y=[sum(v) / len(v) for v in per_step],
-                               band=([min(v) for v in per_step], [max(v) for v in per_step])))
-        panels.append(dict(title=label, xlabel="step", log_y=log, series=series))
+    band min..max over seeds. shifts: then also the paper's Fig. 3b, each map's learned shift of
+    each class over training, and the maps' class contrast."""
+    arms = {arm: [r["curve"] for r in runs if r["arm"] == arm] for arm in dict.fromkeys(r["arm"] for r in runs)}
+    panels = [dict(title=label, xlabel="step", log_y=log,
+                   series=[_band(arm, curves, lambda row, k=key: row[k], COLORS.get(arm, (0, 0, 0)))
+                           for arm, curves in arms.items()]) for key, label, log in keys]
+    if shifts:
+        maps = [(arm, m) for arm in arms for m in ("mu0", "mu1") if f"{m}_0" in arms[arm][0][0]]
+        for c, mean in enumerate(MEANS):
+            panels.append(dict(title=f"learned shifts of class {c} (data mean {mean:+.1f}), as the paper's Fig. 3b",
+                               xlabel="step", series=[_band(f"{arm} {m}", arms[arm], lambda row, k=f"{m}_{c}": row[k],
+                                                            MAP_COLORS[(arm, m)]) for arm, m in maps]))
+        panels.append(dict(title="class contrast of the maps (3.0: the shortest paths)", xlabel="step",
+                           series=[_band(arm, arms[arm], contrast, COLORS[arm]) for arm in arms if arm != "none"]))
     line_plot(panels, path, width=760, height=240, title=title)
 
 
-def report(runs, args, seconds):
+def report(runs, args, seconds, load):
     """The table (markdown and JSON) and the plot of the four arms."""
     command = "python labs/carflow_1d.py" + (" --learn-scale" if args.learn_scale else "")
     rows = []
     for run in runs:  # how far apart the maps move the two classes' paths: 3.0 (the class means' gap) at best
         f = run["final"]
-        f["contrast"] = (f.get("mu0_1", 0) - f.get("mu1_1", 0)) - (f.get("mu0_0", 0) - f.get("mu1_0", 0))
+        f["contrast"] = contrast(f)
     for arm in dict.fromkeys(r["arm"] for r in runs):
         finals = [r["final"] for r in runs if r["arm"] == arm]
         row = dict(arm=arm, runs=len(finals))
@@ -185,13 +209,15 @@ def report(runs, args, seconds):
     baseline, shortest = exact_lengths()
     maps = ["mu0_0", "mu0_1", "mu1_0", "mu1_1", "contrast"] + (["s0_0", "s0_1", "s1_0", "s1_1"] if args.learn_scale else [])
     lines = [f"`{command}` ({args.steps} Adam steps of batch {args.batch}, lr {args.lr}; Euler ODE, 50 steps; "
-             f"{len(runs) // len(rows)} seeds, mean ± std; {seconds:.0f} s on this machine's CPU)", "",
-             "| arm | trajectory length \\|z0 − z1\\| | W1 to the class Gaussians | loss | " + " | ".join(maps) + " |",
-             "| --- " * (4 + len(maps)) + "|"]
+             f"{len(runs) // len(rows)} seeds, mean ± std; {seconds:.0f} s on {os.cpu_count()} CPU cores at load "
+             f"{load[0][0]:.1f} before, {load[1][0]:.1f} after (1-minute averages))", "",
+             "| arm | trajectory length \\|z0 − z1\\| | the paper's (Table 2, ± 2σ) | W1 to the class Gaussians | loss | "
+             + " | ".join(maps) + " |", "| --- " * (5 + len(maps)) + "|"]
     for row in rows:
         cells = [f"{row[k][0]:+.3f} ± {row[k][1]:.3f}" if k in row and (k != "contrast" or row["arm"] != "none")
                  else "—" for k in maps]
-        lines.append(f"| {row['arm']} | {row['length'][0]:.3f} ± {row['length'][1]:.3f} | "
+        paper = "{:.4f} ± {:.4f}".format(*PAPER_LENGTH[row["arm"]]) if not args.learn_scale else "—"
+        lines.append(f"| {row['arm']} | {row['length'][0]:.3f} ± {row['length'][1]:.3f} | {paper} | "
                      f"{row['w1'][0]:.4f} ± {row['w1'][1]:.4f} | {row['loss'][0]:.4f} ± {row['loss'][1]:.4f} | "
                      + " | ".join(cells) + " |")
     lines += ["", f"Exact flows: {baseline:.3f} without shifts (E|1.5 − 0.8 ε|), {shortest:.3f} at the shortest "
@@ -203,37 +229,40 @@ def report(runs, args, seconds):
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(dict(command=command, args=vars(args), seconds=seconds, table=rows, exact_lengths=dict(
+        json.dump(dict(command=command, args=vars(args), seconds=seconds, cores=os.cpu_count(),
+                       loadavg_before=load[0], loadavg_after=load[1], table=rows, exact_lengths=dict(
             baseline=baseline, shortest=shortest), runs=runs), f, indent=1)
     keys = [("w1", "W1 to the class Gaussians", True), ("length", "trajectory length |z0 - z1|", False)]
     if args.learn_scale:
         keys = [("s0_1", "learned noise scale s0 (class 1)", False), ("s1_1", "learned data scale s1 (class 1)", False),
                 ("loss", "training loss", True)]
-    plot(runs, keys, os.path.join(args.out, f"{name}.png"), f"CAR-Flow 1-D (arXiv 2509.19300 section 4.1): {command}")
+    plot(runs, keys, os.path.join(args.out, f"{name}.png"), f"CAR-Flow 1-D (arXiv 2509.19300 section 4.1): {command}",
+         shifts=not args.learn_scale)
     print("\n".join(lines))
 
 
 def main():
     p = ArgumentParser(description=__doc__)
-    p.add_argument("--steps", type=number(int, 1), default=3000, help="Adam steps per run")
+    p.add_argument("--steps", type=number(int, 1), default=50_000, help="Adam steps per run (the paper's)")
     p.add_argument("--batch", type=number(int, 1), default=256, help="samples per step")
     p.add_argument("--lr", type=number(float, above=0), default=3e-3, help="Adam learning rate (model and maps)")
     p.add_argument("--seeds", type=number(int, 1), default=3, help="runs per arm (seeds 0, 1, ...)")
-    p.add_argument("--eval-every", type=number(int, 1), default=100, help="steps between W1 / length evaluations")
+    p.add_argument("--eval-every", type=number(int, 1), default=500, help="steps between W1 / length evaluations")
     p.add_argument("--eval-samples", type=number(int, 2), default=2000, help="samples per class per evaluation")
     p.add_argument("--learn-scale", action="store_true",
                    help="the collapse demonstration: joint maps that learn a scale too (lab only)")
     p.add_argument("--workers", type=number(int, 1), default=6, help="runs trained at once, one process and thread each")
-    p.add_argument("--out", default=os.path.join("labs", "results", "carflow_1d"), help="where the outputs go")
+    p.add_argument("--out", default=os.path.join("labs", "results", "carflow_1d", "cpu"), help="where the outputs go")
     args = p.parse_args()
-    start = time.time()
+    start, load = time.time(), [os.getloadavg()]
     jobs = [(arm, seed, args) for arm in (("joint",) if args.learn_scale else ARMS) for seed in range(args.seeds)]
     # The runs are independent: one process each, --workers at a time, one thread per process.
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         runs = pool.starmap(train_arm, jobs)
     for run in runs:
         print(f"{run['arm']} seed {run['seed']}: {run['final']}")
-    report(runs, args, time.time() - start)
+    load.append(os.getloadavg())  # 1, 5 and 15 minute averages: a time under load is not an idle time
+    report(runs, args, time.time() - start, load)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@
     last, deterministic step from t = 0.04 leaves about 0.04 eps on each sample: with few steps its
     samples sit near, not on, training images, and may miss the 1/3 criterion; the ODE's do not.)
 
-    python labs/closed_form.py                  # CPU, reduced
-    python labs/closed_form.py --device cuda    # one H200
-Writes runs/labs/closed_form/: closed_form.png, results.json / results.md, runs/ (per-run rows, logs).
+    python labs/closed_form.py                  # CPU: (b) and (c) on 16x16 shapes, 1,000 steps
+    python labs/closed_form.py --device cuda    # one H200: 32x32 shapes
+Writes runs/labs/closed_form/: closed_form.png, results.json / results.md (with the wall time, CPU
+time and load), runs/ (per-run rows, logs).
 """
 import argparse
 import json
@@ -36,11 +37,16 @@ from data import BuiltinShapes, ClassReferences  # noqa: E402
 from flow import ClosedForm, closed_form_target, closed_form_velocity, sample_ode, sample_sde, start_noise  # noqa: E402
 from util import ArgumentParser, number, to_uint8  # noqa: E402
 
-PRESETS = {  # CPU: 15 minutes on 2 cores; cuda: 10 minutes on one H200
-    "cpu": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256], gap_batch=64, train_refs=64, steps=150, batch=16,
-                evals=3, samples=64, sample_steps=20, ema=0.95, parallel=1, sampler_samples=64),
-    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, steps=1000,
-                 batch=32, evals=5, samples=500, sample_steps=30, ema=0.99, parallel=6, sampler_samples=1000),
+# CPU: 10 minutes on 2 idle cores, sized from per-step costs (README.md, "Labs on a CPU"): (b) and
+# (c) on 16x16 images, where SiT-T/4 has 16 tokens (32x32: 64), so that (b) trains 1,000 steps;
+# cuda: 10 minutes on one H200, 32x32. `resolution` is that of (b) and (c); (a) runs at each of `resolutions`.
+PRESETS = {
+    "cpu": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256], gap_batch=64, train_refs=64, resolution=16,
+                steps=1000, batch=16, evals=5, samples=100, sample_steps=20, ema=0.99, parallel=2,
+                sampler_samples=100),
+    "cuda": dict(resolutions=[8, 16, 32], ms=[4, 16, 64, 256, 1024], gap_batch=512, train_refs=128, resolution=32,
+                 steps=1000, batch=32, evals=5, samples=500, sample_steps=30, ema=0.99, parallel=6,
+                 sampler_samples=1000),
 }
 TIMES = [0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95]
 TARGETS = ("stochastic", "closed-form")
@@ -95,20 +101,21 @@ def job(target, seed, args):
     name = f"{target}-seed{seed}"
     flags = ["--output-dir", os.path.join(args.out, "runs"), "--exp-name", name, "--target", target,
              "--cf-refs", str(p["train_refs"]), "--global-batch-size", str(p["batch"]),
+             "--resolution", str(p["resolution"]),
              "--max-train-steps", str(p["steps"]), "--checkpoint-every", str(p["steps"] // p["evals"]),
              "--sample-every", str(p["steps"]), "--log-every", str(max(1, p["steps"] // 20)), "--seed", str(seed),
              "--ema-decay", str(p["ema"]), "--no-compile"]
     flags += ["--num-images", str(args.num_images)] if args.num_images else []
     return dict(name=name, target=target, seed=seed, flags=flags, num_images=args.num_images, samples=p["samples"],
-                sample_steps=p["sample_steps"], device=args.device, evaluator=common.EVALUATOR,
+                sample_steps=p["sample_steps"], device=args.device, resolution=p["resolution"],
                 out_json=os.path.join(args.out, "runs", f"{name}.json"))
 
 
 def worker(spec):
-    data = BuiltinShapes()
+    data = BuiltinShapes(resolution=spec["resolution"])
     train_images = (data.first(spec["num_images"]) if spec["num_images"] else data).images
     common.train_and_evaluate(spec["flags"], train_images, spec["samples"], spec["sample_steps"], spec["device"],
-                              spec["evaluator"], spec["out_json"])
+                              spec["out_json"])
 
 
 # ----------------------------------------------------------------------------- (c) the closed-form sampler
@@ -117,7 +124,7 @@ def worker(spec):
 def closed_form_samples(seed, p, args, quality, mode):
     """Samples of v* over the training set with the steps of (b)'s evaluations: Euler on the ODE as
     there ("ode"), whose last step lands exactly on E[x | x_t], or the SDE sampler ("sde")."""
-    data = BuiltinShapes()
+    data = BuiltinShapes(resolution=p["resolution"])
     if args.num_images:
         data = data.first(args.num_images)
     latents = torch.from_numpy(data.images).to(args.device).double() / 127.5 - 1  # pixel space: latents = pixels
@@ -136,10 +143,10 @@ def closed_form_samples(seed, p, args, quality, mode):
 # ----------------------------------------------------------------------------- main
 
 def main(args):
-    p, seeds = args.preset, args.seeds
+    clock, p, seeds = common.Clock(), args.preset, args.seeds
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = "python labs/closed_form.py " + " ".join(sys.argv[1:])
-    quality = common.Quality(common.EVALUATOR, device=args.device)  # trains the toy evaluator once, if absent
+    quality = common.Quality(device=args.device, resolution=p["resolution"])  # trains the toy evaluator once, if absent
     # Phase (a): the gap between the targets, per resolution, M and seed.
     gap = {r: [target_gap(r, s, p, args.device) for s in seeds] for r in p["resolutions"]}
     # Phase (b): the training runs not done yet, then their rows.
@@ -153,7 +160,8 @@ def main(args):
     # Phase (c): the closed-form sampler, and held-out real images for scale.
     sampler = {mode: [closed_form_samples(s, p, args, quality, mode) for s in seeds] for mode in ("ode", "sde")}
     real, labels = quality.reference[:p["sampler_samples"]], quality.labels[:p["sampler_samples"]]
-    train_images = BuiltinShapes().first(args.num_images).images if args.num_images else BuiltinShapes().images
+    train_data = BuiltinShapes(resolution=p["resolution"])
+    train_images = (train_data.first(args.num_images) if args.num_images else train_data).images
     real_row = {"mem_frac": evaluate.memorized_fraction(real, train_images), **quality(real, labels)}
 
     # Tables: (a) per resolution and M, (b) per target at the last evaluation, (c) the sampler.
@@ -176,7 +184,10 @@ def main(args):
                     **{f"{k}_sd": common.mean_std([s[k] for s in rows])[1] for k in rows[0]})
                for mode, rows in sampler.items()]
     table_c.append(dict(samples="held-out real images (for scale)", **real_row))
-    header = f"Closed-form flow matching, `{command}` (preset {args.device}: {p}); seeds {seeds}."
+    cost = clock.record()
+    header = (f"Closed-form flow matching, `{command}` (preset {args.device}: {p}); seeds {seeds}; {cost['seconds']:.0f} s, "
+              f"{cost['cpu_seconds']:.0f} CPU s on {cost['cores']} cores at load {cost['loadavg_before'][0]:.1f} before, "
+              f"{cost['loadavg_after'][0]:.1f} after.")
     common.write_tables(table_a, list(table_a[0]), args.out, "results_a", header + "\n\n(a) target gap")
     common.write_tables(table_b, list(table_b[0]), args.out, "results_b", "(b) last evaluation of each target")
     common.write_tables(table_c, list(table_c[0]), args.out, "results_c", "(c) memorized fraction and quality")
@@ -184,7 +195,7 @@ def main(args):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"command": command, "preset": p, "seeds": seeds, "a": table_a, "b": table_b, "c": table_c,
+        json.dump({"command": command, "preset": p, "seeds": seeds, **cost, "a": table_a, "b": table_b, "c": table_c,
                    "gap_per_t": {str(r): gap[r] for r in gap}, "times": TIMES,
                    "runs": {f"{t}-seed{s}": rows for (t, s), rows in runs.items()}}, f, indent=1)
     for k in "abc":

@@ -1,12 +1,15 @@
 """What the closed-form and memorization labs share: sampling a train.py checkpoint with sample.py's
-own functions, the sample-quality measure, line plots drawn with PIL and the markdown table.
+own functions, the sample-quality measure, the plots of summaries (plot.py), the markdown table, and the
+clock that writes a lab's wall time, CPU time and the machine's load into its results.
 
 Not an experiment: labs/closed_form.py and labs/memorization.py import it.
 """
 import json
 import math
 import os
+import resource
 import sys
+import time
 
 import numpy as np
 import torch
@@ -16,16 +19,35 @@ sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 import toy  # noqa: E402
-from data import BuiltinShapes  # noqa: E402
+from data import BUILTIN_DATASETS  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from model import read_checkpoint  # noqa: E402
 from plot import line_plot  # noqa: E402
 
 # The held-out images that sample quality is measured against: the built-in data of another seed
-# (train.py trains on seed 0), so no training image is among them.
+# (train.py trains on seed 0; toy.py's "reference" role), so no training image is among them.
 REFERENCE_SEED = 2
-# toy.py's evaluator of the labs' data ("shapes"), cached under runs/toy/ as reg_vs_repa.py's are.
-EVALUATOR = os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt")
+
+
+def evaluator_path(variant="shapes", resolution=32):
+    """toy.py's evaluator of a lab's data (a built-in dataset at a resolution), cached under runs/toy/
+    as reg_vs_repa.py's are: evaluator-shapes.pt, evaluator-digits-8px.pt, ..."""
+    return os.path.join(REPO, "runs", "toy", f"evaluator-{variant}{'' if resolution == 32 else f'-{resolution}px'}.pt")
+
+
+class Clock:
+    """A lab's cost, for its results JSON: wall seconds, CPU seconds of the lab and of its finished
+    workers, the core count and the 1, 5, 15-minute load averages before and after. On a busy
+    machine the wall time is not the idle time; CPU seconds / cores is closer to it (README.md,
+    "Labs on a CPU", says how the presets were sized)."""
+
+    def __init__(self):
+        self.start, self.load = time.time(), os.getloadavg()
+
+    def record(self):
+        used = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return dict(seconds=time.time() - self.start, cpu_seconds=sum(u.ru_utime + u.ru_stime for u in used),
+                    cores=os.cpu_count(), loadavg_before=self.load, loadavg_after=os.getloadavg())
 
 
 def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
@@ -44,14 +66,17 @@ def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
 
 
 class Quality:
-    """Sample quality against held-out built-in images: toy.py's evaluator (a small classifier
-    trained on other held-out images; trained here on first use) gives their FID, precision,
-    recall and conditional accuracy (toy.toy_metrics)."""
+    """Sample quality against held-out images of a built-in dataset (data.BUILTIN_DATASETS: variant,
+    resolution): toy.py's evaluator of that data (a small classifier trained on other held-out
+    images; trained here on first use) gives their FID, precision, recall and conditional accuracy
+    (toy.toy_metrics)."""
 
-    def __init__(self, evaluator=EVALUATOR, num_reference=2000, device="cpu"):
-        self.reference = torch.from_numpy(BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED).images)
-        if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
-            toy.train_evaluator(evaluator, variant="shapes")
+    def __init__(self, evaluator=None, num_reference=2000, device="cpu", variant="shapes", resolution=32):
+        ref = BUILTIN_DATASETS[variant](num_reference, resolution, seed=REFERENCE_SEED)  # digits: its 1,000
+        self.reference, self.labels = torch.from_numpy(ref.images), torch.from_numpy(ref.labels)  # (c) of closed_form
+        evaluator = evaluator or evaluator_path(variant, resolution)
+        if not os.path.exists(evaluator):  # trained on held-out images of the lab's data
+            toy.train_evaluator(evaluator, variant=variant, resolution=resolution)
         self.net = toy.load_evaluator(evaluator, device)
         self.names = ("fid", "precision", "recall", "accuracy")
         self.main = "fid"  # the number whose minimum over training is tau_gen
@@ -107,15 +132,16 @@ def _cell(value):
 
 # ----------------------------------------------------------------------------- runs
 
-def train_and_evaluate(flags, train_images, num_samples, sample_steps, device, evaluator, out_json):
+def train_and_evaluate(flags, train_images, num_samples, sample_steps, device, out_json):
     """One training run with train.py's main, then every checkpoint it wrote evaluated from the same
     samples: the memorized fraction against train_images (evaluate.memorized_fraction, pixels) and
-    the Quality numbers; the checkpoints are deleted once read (disk), the rows go to out_json."""
+    the Quality numbers of the run's data (--builtin, --resolution); the checkpoints are deleted once
+    read (disk), the rows go to out_json."""
     import train  # here, not at the top: the workers import it, the lab's own process need not
     args = train.get_args(flags)
     train.main(args)
     ckpt_dir = os.path.join(args.output_dir, args.exp_name, "checkpoints")
-    quality = Quality(evaluator, device=device)
+    quality = Quality(device=device, variant=args.builtin, resolution=args.resolution or 32)
     rows = []
     for name in sorted(os.listdir(ckpt_dir)):
         path = os.path.join(ckpt_dir, name)

