@@ -9,7 +9,7 @@ d1 / d2 < 1/3 in pixels against the n training images) and their quality against
 The paper's finding: quality is reached at tau_gen, independent of n; memorization starts later, at
 tau_mem proportional to n, so the curves of memorized fraction against steps / n fall on one another.
 
-    python labs/memorization.py                    # CPU: plain SiT-T/4 on 8x8 MNIST digits, n = 10, 20, 40, 3 seeds
+    python labs/memorization.py                    # CPU: plain SiT-T/4 on 8x8 MNIST digits, n = 8, 16, 32, 3 seeds
     python labs/memorization.py --data shapes      # the same world on the built-in shapes (8x8)
     python labs/memorization.py --device cuda      # one H200: SiT-T/4 + REG on 32x32 shapes, n = 16 .. 128, 3 seeds
 Each invocation runs the (n, seed) pairs not yet done and redraws everything from all results so far.
@@ -34,7 +34,7 @@ from util import ArgumentParser, number  # noqa: E402
 # SiT-T/4, i.e. 4 tokens of 4x4x3 pixels, plain SiT (no encoder loss: the clock is the paper's
 # question, not REG's), batch min(n, 20). The cuda preset is the built-in REG run on 32x32 shapes.
 PRESETS = {
-    "cpu": dict(data="digits", resolution=8, ns=[10, 20, 40], steps_per_image=100, cap=20, evals=10, samples=50,
+    "cpu": dict(data="digits", resolution=8, ns=[8, 16, 32], steps_per_image=130, cap=20, evals=10, samples=50,
                 sample_steps=16, ema=0.99, parallel=2,
                 train=["--model", "SiT-T/4", "--proj-coeff", "0", "--cls-coeff", "0", "--lr", "1e-3"]),
     "cuda": dict(data="shapes", resolution=32, ns=[16, 32, 64, 128], steps_per_image=20, cap=64, evals=10,
