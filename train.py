@@ -46,7 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 from data import BUILTIN_DATASETS, BuiltinShapes, ClassReferences, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
-from flow import TARGETS, sample_sde, sde_generator, start_noise, training_loss
+from flow import CLS_TARGETS, TARGETS, sample_sde, sde_generator, start_noise, token_target, training_loss
 from model import CAR_VARIANTS, SiT_models, read_checkpoint
 from util import ArgumentParser, UserError, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
@@ -72,6 +72,7 @@ def get_args(argv=None):
     p.add_argument("--builtin", default="shapes", choices=sorted(BUILTIN_DATASETS),
                    help="built-in dataset without --data-path: shapes (the default run) or hard (data.HardShapes, "
                         "the lab labs/reg_vs_repa.py)")
+    p.add_argument("--resolution", type=number(int, 8), default=32, help="side of the built-in images, in pixels")
     p.add_argument("--output-dir", default="runs", help="where run directories go")
     p.add_argument("--exp-name", default=None, help="run directory name; none: from model and data")
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
@@ -83,6 +84,9 @@ def get_args(argv=None):
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
+    p.add_argument("--cls-target", default="cls", choices=CLS_TARGETS,
+                   help="what fills the token slot (REG Table 5; flow.token_target): the encoder's class token, "
+                        "the mean of its patch tokens, one learnable token, or the mean of the noisy latent's features")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"], help="interpolant")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
     p.add_argument("--cfg-prob", type=number(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
@@ -217,7 +221,8 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
                 # without --car. They run on `model`, outside DDP's forward, and DDP still averages
                 # their gradients: its hooks fire when backward reaches them through z_t and the target.
                 shifts = model.shifts(labels)
-                losses = training_loss(net, x, labels, cls if args.cls_coeff > 0 else None,
+                token = token_target(args.cls_target, cls, patches) if args.cls_coeff > 0 else None
+                losses = training_loss(net, x, labels, token,
                                        patches if args.proj_coeff > 0 else None, path=args.path_type,
                                        time_schedule=args.weighting, proj_coeff=args.proj_coeff,
                                        cls_coeff=args.cls_coeff, shifts=shifts,
@@ -275,6 +280,8 @@ def build_model(args, dataset, z_dim):
     kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
                   num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
                   cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0, car=args.car)
+    if args.cls_target in ("learned", "latent-mean"):  # a slot without input (flow.token_target)
+        kwargs["slot"] = args.cls_target
     if args.encoder_depth is not None:
         kwargs["encoder_depth"] = args.encoder_depth
     model = SiT_models[args.model](**kwargs)
@@ -512,7 +519,7 @@ class SampleGrid:
         args, device = self.args, self.x.device
         dtype = amp_dtype(args.precision, device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            z, _ = sample_sde(ema, self.x, self.y, self.cls, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
+            z, _ = sample_sde(ema, self.x, self.y, self.cls if ema.cls_token else None, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
                               null_label=self.dataset.num_classes, path=args.path_type,
                               generator=torch.Generator(device).manual_seed(args.seed),
                               shifts=ema.shifts(self.y))
@@ -680,7 +687,7 @@ def open_data(args, processes):
     if args.data_path is not None:
         dataset = PreparedDataset(args.data_path)
     else:  # BuiltinShapes is looked up here, by name, so that tests can swap it
-        dataset = BuiltinShapes() if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin]()
+        dataset = (BuiltinShapes if args.builtin == "shapes" else BUILTIN_DATASETS[args.builtin])(resolution=args.resolution)
     if args.num_images is not None:
         if args.num_images > len(dataset):
             raise UserError(f"--num-images {args.num_images} is more than the {len(dataset)} images of the data")
