@@ -235,6 +235,38 @@ def load_evaluator(path, device="cpu"):
     return net.requires_grad_(False).eval().to(device)
 
 
+class AttributeReader:
+    """Reads the global attributes (data.ATTRIBUTES) of any images, generated ones included: a ridge
+    regression per attribute on the evaluator's pooled features, fitted on the evaluator's own
+    held-out images. `r2` is its held-out R^2 per attribute (on the reference images): how far
+    each reading can be trusted."""
+
+    def __init__(self, evaluator, variant="hard", resolution=32, num_images=2000, ridge=1e-3):
+        self.evaluator = evaluator
+        fit, test = (images(variant, role, num_images, resolution)[0] for role in ("evaluator", "reference"))
+        f_fit, f_test = self.features(fit), self.features(test)
+        a_fit, a_test = (attributes(variant, role, num_images, resolution) for role in ("evaluator", "reference"))
+        eye = ridge * len(f_fit) * torch.eye(f_fit.shape[1], dtype=f_fit.dtype)
+        self.weights, self.r2 = {}, {}
+        for name in a_fit:
+            self.weights[name] = torch.linalg.solve(f_fit.T @ f_fit + eye, f_fit.T @ a_fit[name].double())
+            error = (f_test @ self.weights[name] - a_test[name].double()).square().sum(0)
+            total = (a_test[name].double() - a_test[name].double().mean(0)).square().sum(0)
+            self.r2[name] = (1 - error / total).mean().item()
+        self.scale = {name: a_fit[name].double().std(0) for name in a_fit}  # to compare attributes in std units
+
+    @torch.no_grad()
+    def features(self, x, batch_size=500):
+        device = next(self.evaluator.parameters()).device
+        f = torch.cat([self.evaluator(x[i:i + batch_size].to(device))[0] for i in range(0, len(x), batch_size)])
+        return torch.cat([f.double().cpu(), torch.ones(len(f), 1, dtype=torch.float64)], 1)  # (N, width + 1)
+
+    def __call__(self, x):
+        """uint8 images (N, 3, R, R) -> {attribute: (N, k) in units of its std over the data}."""
+        f = self.features(x)
+        return {name: (f @ w) / self.scale[name] for name, w in self.weights.items()}
+
+
 @torch.no_grad()
 def toy_metrics(evaluator, samples, labels, reference, batch_size=500):
     """FID, precision, recall and conditional accuracy of samples against reference images.
