@@ -1,8 +1,12 @@
-"""Frozen pretrained networks: the DINOv2 teacher and the SD-VAE (REG arXiv 2507.01467; DINOv2 2304.07193; SD-VAE of LDM 2112.10752).
+"""Frozen pretrained networks: the encoder REPA aligns with and the SD-VAE (REG arXiv 2507.01467;
+REPA 2410.06940; DINOv2 2304.07193; SD-VAE of LDM 2112.10752).
 
-REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is ever trained.
-  DINOv2 through timm: uint8 images -> (cls (N, z_dim), patches (N, T, z_dim)), preprocessed as
-    the official REPA/REG code does (/255, ImageNet normalize, bicubic resize 256 -> 224).
+REG trains on SD-VAE latents and aligns with a pretrained encoder's tokens (DINOv2 by default);
+neither network is ever trained.
+  PretrainedViT: every family of the official `--enc-type` names (ENCODERS: DINOv2, DINOv1, CLIP,
+    MAE, MoCo v3, I-JEPA) through timm: uint8 images -> (cls (N, z_dim), patches (N, T, z_dim)),
+    preprocessed and split as the official REPA/REG code does (FAMILIES says how, per family).
+  Encoders: several of them at once (`--enc-type a,b`), one projector each; REG's token is the first's.
   AutoencoderKL: Stable Diffusion's VAE in plain PyTorch with diffusers' parameter names, so
     stabilityai/sd-vae-ft-ema (or -mse) loads with no conversion beyond old attention names.
   StandInEncoder / PixelSpace: stand-ins with the same interfaces, used by the offline built-in
@@ -13,6 +17,7 @@ REG trains on SD-VAE latents and aligns with DINOv2 tokens; neither network is e
 Usage:
     enc = load_encoder("dinov2-vit-b", resolution=256)        # or weights="/path/dinov2_vitb14_pretrain.pth"
     cls, patches = enc(images)                                # (N, 768), (N, 256, 768)
+    enc = load_encoder("dinov2-vit-b,clip-vit-L", 256)        # -> [cls (N, 768), (N, 1024)], [patches ...]
     vae = load_vae("sd-vae-ft-ema")                           # or path="/path/to/sd-vae-ft-ema"
     mean, std = vae.encode(images / 127.5 - 1)                # (N, 4, 32, 32) each
     x = sample_posterior(mean, std) * vae.scaling_factor      # the latent SiT denoises
@@ -20,6 +25,7 @@ Usage:
 """
 import math
 import os
+from typing import NamedTuple, Optional
 
 import safetensors.torch
 import timm
@@ -31,7 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from util import UserError
+from util import UserError, load_file
 
 
 def _read_state_dict(path):
@@ -57,75 +63,183 @@ def _hub_file(repo_id, filenames, alternative):
 
 
 # ----------------------------------------------------------------------------------------------
-# DINOv2 (and its stand-in)
+# The encoders REPA aligns with (REPA arXiv 2410.06940 section 4.1, Table 2; REG 2507.01467
+# Table 3), their stand-ins, and several at once.
 
-# The official REPA/REG `--enc-type` names; "-reg" selects the variant with 4 register tokens.
+# The official `--enc-type` names of DINOv2; "-reg" selects the variant with 4 register tokens.
 DINOV2_TIMM_NAMES = {
     f"dinov2-vit-{size}{reg}": f"vit_{timm_size}_patch14{'_reg4' if reg else ''}_dinov2.lvd142m"
     for size, timm_size in [("s", "small"), ("b", "base"), ("l", "large"), ("g", "giant")]
     for reg in ["", "-reg"]
 }
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's own normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class Family(NamedTuple):
+    """How the official REPA/REG release feeds a family of encoders, and which tokens it takes.
+
+    resize: the image goes to 224 * R / 256 pixels, bicubic (patch 14: an R/16 grid); otherwise
+      the ViT reads it at its own size (patch 16: an R/16 grid too) and its position embedding is
+      resampled to that grid instead. Either way R = 256 gives 16x16 tokens and R = 512 32x32.
+    normalize_first: the release's order of normalize and resize (the same up to rounding).
+    normed_patches: the aligned patch tokens are the final norm's output (else its input).
+    mean_cls: the family has no class token; REG entangles the mean of its patch tokens.
+    The class token is always the one after the final norm (what the family pools or projects).
+    """
+    mean: tuple
+    std: tuple
+    resize: bool
+    normalize_first: bool
+    normed_patches: bool
+    mean_cls: bool = False
+
+
+IMAGENET = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+FAMILIES = {  # each as the release's preprocess_raw_image (train.py) and load_encoders (utils.py) do it
+    "dinov2": Family(*IMAGENET, resize=True, normalize_first=True, normed_patches=True),  # x_norm_patchtokens
+    "dinov1": Family(*IMAGENET, resize=False, normalize_first=True, normed_patches=True),
+    "clip": Family(CLIP_MEAN, CLIP_STD, resize=True, normalize_first=False, normed_patches=False),  # no ln_post
+    "mae": Family(*IMAGENET, resize=False, normalize_first=True, normed_patches=False),  # blocks, no norm
+    "mocov3": Family(*IMAGENET, resize=False, normalize_first=True, normed_patches=True),  # norm, then z[:, 1:]
+    "jepa": Family(*IMAGENET, resize=True, normalize_first=True, normed_patches=True, mean_cls=True),
+}
+
+
+class Spec(NamedTuple):
+    family: str
+    arch: str            # timm architecture (create_model name)
+    hub: Optional[str]   # HF hub repo of the weights in timm's layout; None: only the official file
+    file: str            # the official file --enc-path may give instead (REPA reads it from ckpts/)
+    arch_kwargs: dict = {}
+
+
+ENCODERS = {
+    **{name: Spec("dinov2", arch, "timm/" + arch,
+                  f"torch.hub's dinov2_vit{name[11]}14{'_reg4' if 'reg' in name else ''}_pretrain.pth")
+       for name, arch in DINOV2_TIMM_NAMES.items()},
+    "dinov1-vit-b": Spec("dinov1", "vit_base_patch16_224.dino", "timm/vit_base_patch16_224.dino",
+                         "dino_vitbase16_pretrain.pth of facebookresearch/dino (REPA: ckpts/dinov1_vitb.pth)"),
+    # OpenAI's CLIP uses QuickGELU: timm's plain "vit_large_patch14_clip_224" would misread its weights.
+    "clip-vit-L": Spec("clip", "vit_large_patch14_clip_quickgelu_224.openai", "timm/vit_large_patch14_clip_224.openai",
+                       "model.safetensors of timm/vit_large_patch14_clip_224.openai (or open_clip's state dict)"),
+    "mae-vit-l": Spec("mae", "vit_large_patch16_224.mae", "timm/vit_large_patch16_224.mae",
+                      "mae_pretrain_vit_large.pth of facebookresearch/mae (REPA: ckpts/mae_vitl.pth)"),
+    # MoCo v3's ViTs are timm's with 12 heads at every size; their weights exist only as the release's files.
+    "mocov3-vit-s": Spec("mocov3", "vit_small_patch16_224", None,
+                         "vit-s-300ep.pth.tar of facebookresearch/moco-v3 (REPA: ckpts/mocov3_vits.pth)",
+                         dict(num_heads=12)),
+    "mocov3-vit-b": Spec("mocov3", "vit_base_patch16_224", None,
+                         "vit-b-300ep.pth.tar of facebookresearch/moco-v3 (REPA: ckpts/mocov3_vitb.pth)"),
+    "jepa-vit-h": Spec("jepa", "vit_huge_patch14_gap_224.in1k_ijepa", None,
+                       "IN1K-vit.h.14-300e.pth.tar of facebookresearch/ijepa (REPA: ckpts/ijepa_vith.pth)"),
+}
 
 
 class _FrozenViT(nn.Module):
-    """A frozen timm ViT `self.vit` behind DINOv2's input convention and token split."""
+    """A frozen timm ViT `self.vit` behind a family's input convention and token split."""
 
-    def _setup(self, vit, input_size):
+    def _setup(self, vit, input_size, family=FAMILIES["dinov2"]):
         self.vit = vit
         self.input_size = input_size  # side of the ViT's input; None = the images' own size
+        self.family = family
         self.z_dim = vit.embed_dim  # the width of its tokens
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
-        self.register_buffer("mean", mean, persistent=False)
-        self.register_buffer("std", std, persistent=False)
+        self.z_dims = [self.z_dim]  # one per encoder (Encoders has several)
+        self.grid_size = vit.patch_embed.grid_size[0]  # T = grid_size ** 2 patch tokens
+        self.register_buffer("mean", torch.tensor(family.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(family.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()
 
     @torch.no_grad()
     def preprocess(self, images):
-        """uint8 (or float 0..255) (N, 3, R, R) -> normalized float (N, 3, S, S)."""
-        x = (images.float() / 255 - self.mean) / self.std
+        """uint8 (or float 0..255) (N, 3, R, R) -> normalized float (N, 3, S, S), as REPA's preprocess_raw_image."""
+        x = images.float() / 255
+        if self.family.normalize_first:
+            x = (x - self.mean) / self.std
         if self.input_size is not None:
-            # As REPA's preprocess_raw_image: normalize first, then a plain bicubic resize.
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic",
-                              align_corners=False)
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
+        if not self.family.normalize_first:
+            x = (x - self.mean) / self.std
         return x
 
     @torch.no_grad()
     def forward(self, images):
-        tokens = self.vit.forward_features(self.preprocess(images))  # (N, 1+regs+T, D), final norm applied
+        """uint8 images -> float32 (class token (N, D), patch tokens (N, T, D))."""
+        x, vit = self.preprocess(images), self.vit
+        if self.family.normed_patches:
+            tokens = vit.forward_features(x)  # (N, prefix+T, D), final norm applied
+        else:  # forward_features up to its final norm, which only the class token gets
+            tokens = vit.blocks(vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x)))))
         # timm orders the sequence [cls, registers..., patches]; registers are dropped.
-        return tokens[:, 0], tokens[:, self.vit.num_prefix_tokens:]  # (N, D), (N, T, D)
+        patches = tokens[:, vit.num_prefix_tokens:]  # (N, T, D)
+        if self.family.mean_cls:
+            cls = patches.mean(dim=1)  # (N, D)
+        else:
+            cls = (tokens if self.family.normed_patches else vit.norm(tokens[:, :1]))[:, 0]  # (N, D)
+        return cls.float(), patches.float()
 
 
-class DINOv2(_FrozenViT):
-    """Frozen DINOv2 (timm) returning its class token and patch tokens after the final norm.
+def _mocov3_to_timm(state):
+    """MoCo v3's checkpoint -> a timm ViT's keys: its base encoder without the `module.base_encoder.`
+    prefix and without the head, as REPA's fix_mocov3_state_dict (the momentum encoder and the
+    predictor are dropped)."""
+    prefix = "module.base_encoder."
+    return {k[len(prefix):]: v for k, v in state.get("state_dict", state).items()
+            if k.startswith(prefix) and not k.startswith(prefix + "head.")}
 
-    The network sees 224 * resolution / 256 pixels (224 for 256, 448 for 512), so its position
-    embedding is resampled once, at load time, to a 16x16 (32x32) grid, as REPA does with
-    timm's resample_abs_pos_embed. `weights`: "pretrained" (HF hub cache), a local file (timm
-    layout, or torch.hub's dinov2_vitb14_pretrain.pth layout), or None (random; tests only).
-    Extra keyword arguments go to timm.create_model (e.g. depth=1 for a quick test model).
+
+class PretrainedViT(_FrozenViT):
+    """A frozen encoder of an official `--enc-type` name (ENCODERS): timm's network, the family's
+    preprocessing and its (class token (N, D), patch tokens (N, T, D)), T = (R / 16)^2.
+
+    Networks that read 224 * R / 256 pixels and those that read R have their position embedding
+    resampled once, at load time, to the R/16 grid, as REPA does with timm's resample_abs_pos_embed.
+    `weights`: "pretrained" (HF hub cache), a local file (timm's layout or the official file), or
+    None (random; tests only). Extra keyword arguments go to timm.create_model (e.g. depth=1).
     """
 
-    def __init__(self, name="dinov2-vit-b", resolution=256, weights="pretrained", **timm_kwargs):
+    def __init__(self, name, resolution=256, weights="pretrained", **timm_kwargs):
         super().__init__()
-        if name not in DINOV2_TIMM_NAMES:
-            raise UserError(f"Unknown DINOv2 encoder {name!r}; choose one of {sorted(DINOV2_TIMM_NAMES)}.")
+        if name not in ENCODERS:
+            raise UserError(f"Unknown encoder {name!r}; choose one of {sorted(ENCODERS)}, stand-in or builtin-vit.")
         if resolution % 16:
             raise UserError(f"resolution must be a multiple of 16 (got {resolution}) so that "
                             f"224 * resolution / 256 is a whole number of 14-pixel patches.")
-        timm_name = DINOV2_TIMM_NAMES[name]
+        spec = ENCODERS[name]
+        family = FAMILIES[spec.family]
+        if weights == "pretrained" and spec.hub is None:
+            raise UserError(f"{name} has no weights on the Hugging Face hub: download {spec.file} and "
+                            f"pass its path with --enc-path")
         if weights == "pretrained":
-            weights = _hub_file("timm/" + timm_name, ["model.safetensors", "pytorch_model.bin"],
-                                "pass a local checkpoint file with --enc-path")
-        input_size = 224 * resolution // 256
-        vit = timm.create_model(timm_name, pretrained=False, img_size=input_size, num_classes=0,
-                                **timm_kwargs)
+            weights = _hub_file(spec.hub, ["model.safetensors", "pytorch_model.bin"],
+                                f"pass {spec.file} with --enc-path")
+        elif weights is not None and not os.path.isfile(weights):
+            raise UserError(f"--enc-path {weights}: no such file; download {spec.file} for {name} and give its path")
+        input_size = 224 * resolution // 256 if family.resize else resolution
+        vit = timm.create_model(spec.arch, pretrained=False, img_size=input_size, num_classes=0,
+                                **{**spec.arch_kwargs, **timm_kwargs})
         if weights is not None:
-            # timm's filter converts the torch.hub layout (mask_token, register_tokens, SwiGLU
-            # w12/w3) and resamples pos_embed to the model's grid (bicubic, antialiased).
-            vit.load_state_dict(checkpoint_filter_fn(_read_state_dict(weights), vit))
-        self._setup(vit, input_size)
+            self._load(vit, weights, name, spec)
+        self._setup(vit, input_size if family.resize else None, family)
+
+    @staticmethod
+    def _load(vit, path, name, spec):
+        try:
+            state = _read_state_dict(path)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a non-weights file
+            raise UserError(f"--enc-path {path} is not a weights file torch can read safely ({type(e).__name__}); "
+                            f"give {spec.file} for {name}") from e
+        if spec.family == "mocov3":
+            state = _mocov3_to_timm(state)
+        # timm's filter converts the official layouts (torch.hub DINOv2, OpenAI/open_clip CLIP,
+        # MAE's {"model"}, I-JEPA's {"encoder"}) and resamples pos_embed to the model's grid
+        # (bicubic, antialiased, as REPA's resample_abs_pos_embed). Heads (CLIP's projection) go.
+        state = {k: v for k, v in checkpoint_filter_fn(state, vit).items() if not k.startswith("head.")}
+        try:
+            vit.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip()[:200] if "\n" in str(e) else str(e)[:200]
+            raise UserError(f"--enc-path {path} does not fit {name} ({first}); give {spec.file}") from e
 
 
 class StandInEncoder(_FrozenViT):
@@ -182,12 +296,14 @@ class BuiltinViT(_FrozenViT):
 
     @classmethod
     def load(cls, path, resolution):
-        how = "make it with: python toy.py encoder --out " + str(path)
-        if path in (None, "pretrained") or not os.path.isfile(path):
+        given = path not in (None, "pretrained")
+        how = (f"make it with: python toy.py encoder --out {path}" if given else
+               "make one with: python toy.py encoder (it writes runs/toy/encoder-p8.pt), and pass that file")
+        if not given or not os.path.isfile(path):
             raise UserError(f"the builtin-vit encoder needs the file that toy.py writes (--enc-path): "
-                            f"{'none given' if path in (None, 'pretrained') else 'no file at ' + str(path)}; {how}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("kind") != "builtin-vit":
+                            f"{'no file at ' + str(path) if given else 'none given'}; {how}")
+        state = load_file(path, "a builtin-vit encoder file", how)  # as checkpoints: corrupt or code, one line
+        if state.get("kind") != "builtin-vit":
             raise UserError(f"{path} is not a builtin-vit encoder file; {how}")
         if state["config"]["resolution"] != resolution:
             raise UserError(f"{path} was pretrained on {state['config']['resolution']}-pixel images and the data "
@@ -198,17 +314,45 @@ class BuiltinViT(_FrozenViT):
         return net
 
 
+class Encoders(nn.Module):
+    """Several frozen encoders at once, REPA's comma-separated `--enc-type a,b`: the SiT gets one
+    projector per encoder and the alignment loss is the mean of theirs (REPA arXiv 2410.06940,
+    section 4.1). REG's class token is the first encoder's: the list's order matters.
+    forward: images -> ([class token (N, D_k)], [patch tokens (N, T, D_k)]), one of each per encoder.
+    """
+
+    def __init__(self, encoders):
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.z_dims = [e.z_dim for e in encoders]
+        self.z_dim = self.z_dims[0]  # the width of the class token REG entangles
+
+    def forward(self, images):
+        outputs = [e(images) for e in self.encoders]
+        return [cls for cls, _ in outputs], [patches for _, patches in outputs]
+
+
 def load_encoder(name, resolution, weights="pretrained", **kwargs):
-    """DINOv2 for an official `--enc-type` name, StandInEncoder for "stand-in", or the trained
-    BuiltinViT of toy.py for "builtin-vit" (weights: its file)."""
+    """The frozen encoder of an official `--enc-type` name (PretrainedViT), StandInEncoder for
+    "stand-in", or the trained BuiltinViT of toy.py for "builtin-vit" (weights: its file).
+    A comma-separated list of names gives Encoders, with comma-separated weights (an empty entry,
+    or weights "pretrained" or None for all: the default of each)."""
+    names = name.split(",")
+    if len(names) > 1:
+        paths = weights.split(",") if weights not in ("pretrained", None) else [weights] * len(names)
+        if len(paths) != len(names):
+            raise UserError(f"--enc-path {weights} gives {len(paths)} files for the {len(names)} encoders of "
+                            f"{name}; give one per encoder, comma-separated (empty for the hub's weights)")
+        return Encoders([load_encoder(n, resolution, "pretrained" if p == "" else p, **kwargs)
+                         for n, p in zip(names, paths)])
     if name == "builtin-vit":
         return BuiltinViT.load(weights, resolution)
     if name == "stand-in":
         if weights not in ("pretrained", None):
             raise UserError("The stand-in encoder is random by design and loads no weights; "
-                            "drop --enc-path or choose a dinov2-vit-* encoder.")
+                            "drop --enc-path or choose a pretrained encoder.")
         return StandInEncoder(resolution, **kwargs)
-    return DINOv2(name, resolution, weights, **kwargs)
+    return PretrainedViT(name, resolution, weights, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

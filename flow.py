@@ -8,11 +8,13 @@ with v_cls None when there is no class token and zs None when the projector is o
 
     losses = training_loss(model, x, y, cls, patches)          # REG
     losses = training_loss(model, x, y, None, patches)         # REPA: no class token
+    losses = training_loss(model, x, y, [cls_a, cls_b], [patches_a, patches_b])  # two encoders at once
     losses = training_loss(model, x, y, cls, patches, target="closed-form", refs=others)
     x0, cls0 = sample_sde(model, noise, y, cls_noise, steps=250, cfg_scale=2.3, ...)
     losses = training_loss(model, x, y, cls, patches, shifts=sit.shifts(y))   # + CAR-Flow
     x0, cls0 = sample_sde(model, noise, y, cls_noise, shifts=sit.shifts(y))  # CAR-Flow: returns z0 - mu1(y)
     x0, _ = sample_ode(ClosedForm(train_latents, train_labels), noise, y)  # the empirical optimum
+    x0, cls0 = sample_sit(sit, noise, y, cls_noise, path="linear", cfg_scale=4.0)  # a trained SiT, as trained
 
 CAR-Flow (arXiv 2509.19300) moves the two ends of the path by learned class shifts: the source
 to eps + mu0(y) and the target to x + mu1(y) (their data-at-1 convention rewritten in ours, data
@@ -34,6 +36,8 @@ PATHS = ("linear", "cosine")
 TARGETS = ("stochastic", "closed-form")
 # Which token fills REG's slot: the four rows of REG's Table 5 (arXiv 2507.01467 v2, Sec. 4.3).
 CLS_TARGETS = ("cls", "patch-mean", "learned", "latent-mean")
+# What training_loss returns, in the order train.py logs it (proj and cls None when not trained).
+LOSS_TERMS = ("loss", "denoise", "proj", "cls")
 
 
 def check_path(path):
@@ -83,8 +87,8 @@ def token_target(cls_target, cls, patches):
         raise ValueError(f"unknown class-token target {cls_target!r}; choose one of {CLS_TARGETS}")
     if cls_target == "cls":
         return cls
-    if cls_target == "patch-mean":
-        return patches.mean(dim=1)  # (N, z_dim)
+    if cls_target == "patch-mean":  # (N, z_dim); one per encoder when several are aligned
+        return [p.mean(dim=1) for p in patches] if isinstance(patches, (list, tuple)) else patches.mean(dim=1)
     return None
 
 
@@ -100,6 +104,8 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
     x: (N, C, H, W) clean latents; y: (N,) labels; cls: (N, z_dim) clean DINOv2 class token, or None
     for a model without the token (SiT, REPA); patches: (N, T, z_dim) clean DINOv2 patch tokens, or
     None for a model without projector. t, noise, cls_noise may be given (tests); else drawn here.
+    Several encoders at once (encoder.Encoders): cls and patches are lists, one per encoder, and the
+    model returns one projector output each; the token REG entangles is the first encoder's.
     shifts: CAR-Flow's (mu0, mu1), each (N, C, H, W) or None (SiT.shifts(y)); None: no shifts.
     target: "stochastic", the velocity of the drawn (x, noise) pair, or "closed-form", Bertrand et
     al.'s estimate of the empirically optimal velocity (closed_form_target) from x itself and the
@@ -113,6 +119,8 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
     if target == "closed-form" and any(mu is not None for mu in shifts or ()):
         raise ValueError("the closed-form target is derived for the unshifted path; it does not take CAR-Flow's shifts")
     closed_form = target == "closed-form"  # `target` names the target tensor from here on
+    cls_all = cls if isinstance(cls, (list, tuple)) else [cls]  # each encoder's class token (None: REPA)
+    cls = cls_all[0]  # the token REG entangles: the first encoder's
     n = x.shape[0]
     if t is None:
         t = sample_time(n, time_schedule, path, device=x.device)
@@ -141,13 +149,23 @@ def training_loss(model, x, y, cls=None, patches=None, *, path="linear", time_sc
         losses["cls"] = (v_cls.float() - cls_target).square().mean(dim=1)
         total = total + cls_coeff * losses["cls"].mean()
     if patches is not None:
-        # Align every token of the sequence with its clean encoder token: [cls, patches] for REG.
-        z = patches if cls is None else torch.cat([cls.unsqueeze(1), patches], dim=1)  # (N, L, z_dim)
-        if zs is None or zs.shape != z.shape:
-            raise ValueError(f"projector output {None if zs is None else tuple(zs.shape)} does not "
-                             f"match encoder tokens {tuple(z.shape)}: check the model's projector, "
-                             "class token and patch size against the encoder")
-        losses["proj"] = -F.cosine_similarity(zs.float(), z.float(), dim=-1).mean(dim=1)
+        # Align every token of the sequence with its clean encoder token: [cls, patches] for REG;
+        # with several encoders, projector k with encoder k (its own class token in the class
+        # slot, as REG's release concatenates each encoder's), and the mean of their losses (REPA).
+        zs_all = zs if isinstance(zs, (list, tuple)) else [zs]  # one (N, L, z_dim_k) per projector
+        patches_all = patches if isinstance(patches, (list, tuple)) else [patches]
+        if len(zs_all) != len(patches_all) or (cls is not None and len(cls_all) != len(patches_all)):
+            raise ValueError(f"{len(zs_all)} projector outputs for {len(patches_all)} encoders' patch tokens "
+                             f"(and {len(cls_all)} class tokens): build the model with one z_dim per encoder")
+        terms = []
+        for k, (z_tilde, p) in enumerate(zip(zs_all, patches_all)):
+            z = p if cls is None else torch.cat([cls_all[k].unsqueeze(1), p], dim=1)  # (N, L, z_dim_k)
+            if z_tilde is None or z_tilde.shape != z.shape:
+                raise ValueError(f"projector output {None if z_tilde is None else tuple(z_tilde.shape)} does not "
+                                 f"match encoder tokens {tuple(z.shape)}: check the model's projector, "
+                                 "class token and patch size against the encoder")
+            terms.append(-F.cosine_similarity(z_tilde.float(), z.float(), dim=-1).mean(dim=1))  # (N,)
+        losses["proj"] = terms[0] if len(terms) == 1 else torch.stack(terms).mean(dim=0)
         total = total + proj_coeff * losses["proj"].mean()
     losses["loss"] = total
     return losses
@@ -405,6 +423,29 @@ def sample_ode(model, x, y, cls=None, *, steps=50, method="heun", cfg_scale=1.0,
         x, cls = x_next, cls_next
     x = x if mu1 is None else x - mu1  # z_0 - mu1(y)
     return x.to(dtype), None if cls is None else cls.to(dtype)
+
+
+def sample_sit(sit, x, y, cls=None, *, mode="sde", steps=250, method="heun", cfg_scale=1.0, cls_cfg_scale=0.0,
+               guidance_low=0.0, guidance_high=1.0, path="linear", generator=None, autocast=None):
+    """The one way to sample a SiT as it was trained (train.py's grids, FID and memorized fraction,
+    sample.py, the labs): its CAR-Flow shifts of the true labels (sit.shifts(y); (None, None)
+    without --car), its null label (sit.num_classes) and the path it was trained on, with
+    guidance as given. The one place flow.py reads more of the model than its call.
+
+    x: (N, C, H, W), cls: (N, z_dim) or None, start noise; y: (N,) labels. mode "sde" (sample_sde,
+    `path`, `generator` for its noise) or "ode" (sample_ode with `method`). autocast: the dtype
+    the model runs in on x's device (torch.bfloat16, torch.float16), None for fp32.
+    Returns (x, cls) at t = 0, as the samplers.
+    """
+    guidance = dict(cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low,
+                    guidance_high=guidance_high, null_label=sit.num_classes)
+    with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+        shifts = sit.shifts(y)  # (mu0, mu1), each (N, C, H, W) or None
+        if mode == "sde":
+            return sample_sde(sit, x, y, cls, steps=steps, path=path, generator=generator, shifts=shifts, **guidance)
+        if mode == "ode":
+            return sample_ode(sit, x, y, cls, steps=steps, method=method, shifts=shifts, **guidance)
+    raise ValueError(f"unknown sampler mode {mode!r}; choose 'sde' or 'ode'")
 
 
 def _float64_shifts(shifts):

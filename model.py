@@ -4,6 +4,7 @@ One class, `SiT`, covers the three models of the REG paper:
   plain SiT   SiT(..., cls_token=False, projector=False)
   SiT + REPA  SiT(..., cls_token=False)                  a projector on block `encoder_depth`
   SiT + REG   SiT(...)                                   + the DINOv2 class token at index 0
+  several encoders at once: SiT(..., z_dim=[768, 1024])  one projector per encoder (REPA's `projectors.{i}`)
 
 Checkpoint compatibility: parameter and buffer names here *are* the official release's names
 (`x_embedder.proj`, `blocks.{i}.attn.qkv`, `cls_projectors2`, `wg_norm`, `final_layer.linear_cls`,
@@ -24,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from util import UserError
+from util import UserError, load_file
 
 
 def modulate(x, shift, scale):
@@ -212,7 +213,8 @@ class ShiftNet(nn.Module):
 class ModelOutput(NamedTuple):
     v: torch.Tensor                  # (N, C, H, W) latent velocity
     v_cls: Optional[torch.Tensor]    # (N, z_dim) class-token velocity, None without the token
-    zs: Optional[torch.Tensor]       # (N, 1+T, z_dim) projector outputs, None when not computed
+    zs: Optional[torch.Tensor]       # (N, 1+T, z_dim) projector outputs, None when not computed; a tuple
+                                     # of one per projector when there are several
 
 
 class SiT(nn.Module):
@@ -221,7 +223,8 @@ class SiT(nn.Module):
     input_size: latent side (32 for 256x256 images with the SD-VAE); in_channels: C.
     cls_token: prepend the (noised) DINOv2 class token and predict its velocity (REG).
     projector: REPA's projector on the output of block `encoder_depth` (1-indexed).
-    z_dim: width of the encoder tokens (768 for DINOv2-B), used by both REG heads.
+    z_dim: width of the encoder tokens (768 for DINOv2-B), used by both REG heads; or a list, one
+    width per encoder aligned at once: a projector each, and the class token has the first's width.
     slot: what sits in the token slot when cls_token is set (SLOTS; the module docstring). Only
     "input" takes a token and predicts its velocity; the other two make cls_token False from the
     outside (no cls argument, v_cls None) and keep the slot inside.
@@ -246,7 +249,8 @@ class SiT(nn.Module):
         if slot not in SLOTS:
             raise ValueError(f"unknown token slot {slot!r}; choose one of {SLOTS}")
         self.in_channels = in_channels
-        self.z_dim = z_dim  # width of the DINOv2 tokens: the class token's and the projector's
+        z_dims = list(z_dim) if isinstance(z_dim, (list, tuple)) else [z_dim]
+        self.z_dim = z_dims[0]  # width of the encoder tokens: the class token's and the (first) projector's
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
@@ -260,7 +264,7 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         if self.cls_token:
-            self.cls_projectors2 = nn.Linear(z_dim, hidden_size)
+            self.cls_projectors2 = nn.Linear(self.z_dim, hidden_size)
             self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)  # with affine weights, unlike the blocks
         # Not trained; a buffer (saved under the official key) rather than a frozen Parameter, so
         # optimizers and DDP never see it. The class-token row is zero: that token has no position.
@@ -270,8 +274,8 @@ class SiT(nn.Module):
 
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         if projector:
-            self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, z_dim)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, z_dim if self.cls_token else None)
+            self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, d) for d in z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, self.z_dim if self.cls_token else None)
         self.initialize_weights()
         if self.slot == "learned":  # after the SiT's weights: their initial values stay those of slot="input"
             with torch.random.fork_rng(devices=[]):
@@ -346,10 +350,13 @@ class SiT(nn.Module):
         for i, block in enumerate(self.blocks, start=1):
             h = block(h, c)
             if i == self.encoder_depth and return_zs and hasattr(self, "projectors"):
-                zs = self.projectors[0](h)  # (N, 1+T, z_dim): all tokens, the class slot included
+                # Each (N, 1+T, z_dim_k): all tokens, the class slot included; one projector per encoder.
+                zs = tuple(projector(h) for projector in self.projectors)
+                zs = zs[0] if len(zs) == 1 else zs
         if self.slot is not None and not self.cls_token:
             # A slot without a teacher token: nothing to align it with, nothing to predict for it.
-            zs = None if zs is None else zs[:, 1:]  # (N, T, z_dim)
+            if zs is not None:  # (N, T, z_dim_k) each
+                zs = tuple(z[:, 1:] for z in zs) if isinstance(zs, tuple) else zs[:, 1:]
             h = h[:, 1:]  # (N, T, D)
         patches, v_cls = self.final_layer(h, c)
         return ModelOutput(self.unpatchify(patches), v_cls, zs)
@@ -387,15 +394,8 @@ def read_checkpoint(path):
         raise UserError(f"no checkpoint at {path}; give the path of a .pt file written by "
                         "train.py (runs/<exp>/checkpoints/) or an official REG checkpoint")
     torch.serialization.add_safe_globals([argparse.Namespace])
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a non-checkpoint
-        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release) "
-                        f"({type(e).__name__}); give the path of such a .pt file") from e
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{path} is not a checkpoint written by train.py (or the official release): "
-                        f"it holds a {type(ckpt).__name__}, not a dict; give the path of such a .pt file")
-    return ckpt
+    return load_file(path, "a checkpoint written by train.py (or the official release)",
+                     "give the path of such a .pt file")
 
 
 def load_weights(ckpt, prefer_ema=True):

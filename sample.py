@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import evaluate
 from encoder import load_vae
-from flow import sample_ode, sample_sde, sde_generator, start_noise
+from flow import sample_sit, sde_generator, start_noise
 from model import SiT_models, load_weights, read_checkpoint
 from util import ArgumentParser, UserError, barrier, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
 
@@ -139,7 +139,9 @@ def build_model(ckpt, args):
         raise UserError(f"{args.ckpt} holds no raw model weights (no 'model' entry); sample its EMA without --no-ema")
     config = dict(config)
     name, vae, scale = config.pop("model"), config.pop("vae"), config.pop("scaling_factor")
+    enc_type = config.pop("enc_type", None)  # the encoder(s) it was trained with; older checkpoints don't say
     model = SiT_models[name](**config)
+    model.enc_type = enc_type
     try:  # strict: a missing, unexpected or mis-shaped weight (another patch size, resolution) fails
         model.load_state_dict(load_weights(ckpt, prefer_ema=args.ema))
     except RuntimeError as e:
@@ -163,17 +165,10 @@ def sample_latents(model, x, cls, y, args, generator=None):
     """Run the sampler of args (mode, steps, guidance, path, precision) from start noise (x, cls)
     with labels y -> latents (N, C, h, w). `generator` draws the SDE's noise. A CAR-Flow model
     (its checkpoint's config says which maps) starts at x + mu0(y) and returns z_0 - mu1(y)."""
-    common = dict(cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
-                  guidance_high=args.guidance_high, null_label=model.num_classes)
-    amp = args.precision == "bf16" and x.device.type == "cuda"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-        common["shifts"] = model.shifts(y)  # CAR-Flow's (mu0, mu1) of the true labels; (None, None) without
-        if args.mode == "sde":
-            z, _ = sample_sde(model, x, y, cls, steps=args.num_steps, path=args.path_type,
-                              generator=generator, **common)
-        else:
-            z, _ = sample_ode(model, x, y, cls, steps=args.num_steps, method="heun" if args.heun else "euler",
-                              **common)
+    z, _ = sample_sit(model, x, y, cls, mode=args.mode, steps=args.num_steps, method="heun" if args.heun else "euler",
+                      cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
+                      guidance_high=args.guidance_high, path=args.path_type, generator=generator,
+                      autocast=torch.bfloat16 if args.precision == "bf16" and x.device.type == "cuda" else None)
     return z
 
 
@@ -316,7 +311,8 @@ def main(args):
     vae = load_vae(vae_name, path=args.vae_path).to(device)
     run_model = compiled(model, args, device)
     if processes.master:
-        print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es)", flush=True)
+        print(f"sampling {json.dumps(settings(args, device))} on {processes.world_size} process(es); "
+              f"trained with --enc-type {model.enc_type or 'unknown (not recorded)'}", flush=True)
 
     # A grid (rank 0, while the others wait), or the .npz (every rank).
     if args.num_samples == 0:

@@ -20,6 +20,7 @@ The images of each role come from their own seed of the dataset (SEEDS), so the 
 set, the evaluator's training set and the FID reference set never share an image.
 """
 import os
+import tempfile
 import time
 import warnings
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 import evaluate
 from data import ATTRIBUTES, BUILTIN_DATASETS
 from encoder import BuiltinViT
-from util import ArgumentParser, number, run
+from util import ArgumentParser, UserError, number, run
 
 # Dataset seed of each role. "train" is the seed train.py's built-in run uses (data.BuiltinShapes()).
 SEEDS = {"train": 0, "evaluator": 1, "reference": 2}
@@ -54,6 +55,22 @@ def attributes(variant="hard", role="reference", num_images=5000, resolution=32)
 def _batches(n, batch_size, generator):
     order = torch.randperm(n, generator=generator)
     return [order[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def check_writable(path):
+    """Fail in one line before training, not with a traceback after it, when `path` cannot be
+    written: its folder is made and a probe file created and removed there."""
+    folder = os.path.dirname(path) or "."
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError(21, "a folder")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise NotADirectoryError(20, f"{folder} is a file")
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror}); give --out a file in a writable folder") from e
 
 
 def _fit(parameters, loss_of, n, epochs, batch_size, lr, seed):
@@ -91,6 +108,7 @@ def train_encoder(out_path, variant="hard", num_images=5000, resolution=32, epoc
     """
     if teacher not in TEACHERS:
         raise ValueError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
+    check_writable(out_path)
     x, y = images(variant, "train", num_images, resolution)
     targets = None
     if teacher == "rich":
@@ -195,6 +213,7 @@ def train_evaluator(out_path, variant="hard", num_images=5000, resolution=32, ep
                     lr=3e-3, seed=0, width=32, sanity_images=2000):
     """Train ToyEvaluator on the held-out "evaluator" images (seeded, deterministic on a CPU), save
     it to out_path, print its sanity figures and return the path."""
+    check_writable(out_path)
     x, y = images(variant, "evaluator", num_images, resolution)
     torch.manual_seed(seed)
     net = ToyEvaluator(len(BUILTIN_DATASETS[variant].class_names), width)

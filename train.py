@@ -31,24 +31,21 @@ the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467
 """
 import argparse
 import copy
-import json
 import os
-import time
 import warnings
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import evaluate
 from data import BUILTIN_DATASETS, BuiltinShapes, ClassReferences, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
-from flow import CLS_TARGETS, TARGETS, sample_sde, sde_generator, start_noise, token_target, training_loss
+from flow import CLS_TARGETS, LOSS_TERMS, TARGETS, token_target, training_loss
 from model import CAR_VARIANTS, SiT_models, read_checkpoint
-from util import ArgumentParser, UserError, cleanup_processes, number, run, save_grid, setup_processes, to_uint8
+from monitor import Evaluation, Memorization, MetricsLog, SampleGrid
+from util import ArgumentParser, UserError, amp_dtype, cleanup_processes, number, run, setup_processes
 
 # The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
 # learns the built-in shapes (32x32 pixels) in minutes on a CPU. Everything else keeps the
@@ -57,8 +54,6 @@ from util import ArgumentParser, UserError, cleanup_processes, number, run, save
 BUILTIN = dict(model="SiT-T/4", enc_type="stand-in", global_batch_size=32, lr=1e-3, max_train_steps=500,
                ema_decay=0.99, log_every=25, sample_every=250, checkpoint_every=250, sample_steps=30,
                sample_cfg_scale=4.0, num_workers=0)
-# What each training step logs, in this order in metrics.jsonl (proj and cls only when trained).
-LOSS_TERMS = ("loss", "denoise", "proj", "cls")
 
 
 def flags(preset):
@@ -78,9 +73,11 @@ def get_args(argv=None):
     p.add_argument("--model", default="SiT-XL/2", choices=sorted(SiT_models), help="SiT size / patch size")
     p.add_argument("--encoder-depth", type=number(int, 1), default=None, help="block the projector reads; none: per size")
     p.add_argument("--enc-type", default="dinov2-vit-b",
-                   help="dinov2-vit-{s,b,l,g}[-reg], stand-in (random), or builtin-vit (needs --enc-path)")
-    p.add_argument("--enc-path", default=None, help="local DINOv2 weights file (none: timm's hub weights), or "
-                   "builtin-vit's file from `python toy.py encoder`")
+                   help="dinov2-vit-{s,b,l,g}[-reg], dinov1-vit-b, clip-vit-L, mae-vit-l, mocov3-vit-{s,b}, jepa-vit-h "
+                        "(README, \"Encoders\"), stand-in (random), builtin-vit (needs --enc-path); several "
+                        "comma-separated: a projector each, REG's token from the first")
+    p.add_argument("--enc-path", default=None, help="local encoder weights file (none: timm's hub weights; mocov3 and "
+                   "jepa need one), comma-separated for several encoders, or builtin-vit's file from `python toy.py encoder`")
     p.add_argument("--vae-path", default=None, help="local SD-VAE weights, to decode the sample grids")
     p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
@@ -178,11 +175,6 @@ def check_args(p, args):
 
 # ----------------------------------------------------------------------------- the training step
 
-def amp_dtype(precision, device):
-    """The autocast dtype: bf16 or fp16 on GPU; none on CPU, where autocast is slower than fp32 here."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision] if device.type == "cuda" else None
-
-
 def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_factor, refs=None):
     """One optimizer step on this process's share of the global batch.
 
@@ -207,8 +199,7 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
             mean, std = moments.chunk(2, dim=1)  # (n, C, h, w) each
             x = sample_posterior(mean, std) * scaling_factor  # the latent the SiT denoises
             with autocast:
-                cls, patches = encoder(images)  # (n, z_dim), (n, T, z_dim)
-            cls, patches = cls.float(), patches.float()
+                cls, patches = encoder(images)  # float32 (n, z_dim), (n, T, z_dim); lists of them for several encoders
             others = None
             if ref_moments:  # fresh posterior samples, as x: Prop. 2 wants them i.i.d. with it
                 ref_mean, ref_std = ref_moments[0].chunk(2, dim=2)  # (n, M - 1, C, h, w) each
@@ -266,17 +257,25 @@ def build_encoder(args, dataset):
                             f"{grid * grid}; use a SiT of patch size {patch}, or pretrain an encoder with "
                             f"python toy.py encoder --patch-size {args.model.split('/')[1]}")
         return encoder
-    if args.enc_type != "stand-in":
-        return load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
+    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
+    if args.enc_type != "stand-in":  # the official families, one or several: each has an R/16 grid
+        encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
+        for name, one in zip(args.enc_type.split(","), getattr(encoder, "encoders", [encoder])):
+            if args.proj_coeff > 0 and one.grid_size != grid:
+                raise UserError(f"--enc-type {name} has a {one.grid_size}x{one.grid_size} patch grid and {args.model} "
+                                f"a {grid}x{grid} one; use a SiT whose patch size times the VAE's downsample "
+                                f"({dataset.downsample}) is 16, e.g. SiT-XL/2 on SD-VAE latents")
+        return encoder
     # The stand-in's patches tile the image on the same grid as the SiT's tokens, as DINOv2's
     # 16x16 patches of its 224-pixel input tile the 32x32 latent's 2x2 patches.
-    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
     return load_encoder("stand-in", resolution=dataset.resolution, patch_size=dataset.resolution // grid,
                         z_dim=192, depth=2, num_heads=3)
 
 
 def build_model(args, dataset, z_dim):
-    """The SiT, and the config that sample.py needs to rebuild it and decode its samples."""
+    """The SiT, and the config that sample.py needs to rebuild it and decode its samples.
+    z_dim: the encoder's token width, or a list of one per encoder (a projector each)."""
+    z_dim = z_dim[0] if isinstance(z_dim, (list, tuple)) and len(z_dim) == 1 else z_dim
     kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
                   num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
                   cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0, car=args.car)
@@ -286,7 +285,7 @@ def build_model(args, dataset, z_dim):
         kwargs["encoder_depth"] = args.encoder_depth
     model = SiT_models[args.model](**kwargs)
     config = {"model": args.model, **kwargs, "encoder_depth": model.encoder_depth, "vae": dataset.vae,
-              "scaling_factor": dataset.scaling_factor}
+              "scaling_factor": dataset.scaling_factor, "enc_type": args.enc_type}
     return model, config
 
 
@@ -335,6 +334,9 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if ckpt["args"].model != args.model:
         raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
                         f"{args.model}; use another --exp-name for a new run")
+    if ckpt["args"].enc_type != args.enc_type:
+        raise UserError(f"{path} was written by a run with --enc-type {ckpt['args'].enc_type} and this run has "
+                        f"{args.enc_type}; resume with --enc-type {ckpt['args'].enc_type}, or use another --exp-name")
     car = getattr(ckpt["args"], "car", "none")  # checkpoints from before --car existed have none
     if car != args.car:
         raise UserError(f"{path} was written by a run with --car {car} and this run has --car {args.car}; "
@@ -367,286 +369,11 @@ def restore_rng(ckpt, args, processes, step):
                       "uninterrupted run would have had", stacklevel=2)
 
 
-def all_mean(values, world_size):
-    """{name: 0-d tensor} -> {name: float}, averaged over processes (one all-reduce, one host sync)."""
-    stacked = torch.stack([values[k] for k in sorted(values)])
-    if world_size > 1:
-        dist.all_reduce(stacked)
-        stacked /= world_size
-    return dict(zip(sorted(values), stacked.tolist()))
-
-
-# ----------------------------------------------------------------------------- plots
-
-def smooth(values):
-    """Debiased exponential moving average, as TensorBoard smooths, over about 2 % of the points, so
-    the smoothed line lags the raw one by little however long the run (short runs stay raw)."""
-    weight = 1 - 1 / max(1.0, len(values) / 50)
-    out, avg = [], 0.0
-    for i, v in enumerate(values, 1):
-        avg = weight * avg + (1 - weight) * v
-        out.append(avg / (1 - weight ** i))  # the debiasing: the average does not start at 0
-    return out
-
-
-def nice_ticks(lo, hi, count=5):
-    """About `count` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
-    span = max(hi - lo, 1e-12)
-    raw = span / count
-    magnitude = 10 ** int(f"{raw:e}".split("e")[1])
-    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
-    first = step * -(-lo // step)
-    return [first + i * step for i in range(int((hi - first) / step) + 1)]
-
-
-def plot_curves(rows, keys, path, smoothing=True, width=720, panel_height=170):
-    """One panel per key, each on its own scale, against the step: raw values light, smoothed dark;
-    without smoothing (sparse points, e.g. evaluations) one dark line with a dot per point.
-
-    Drawn with PIL, so no plotting library is needed. rows: dicts with "step" and some of `keys`.
-    """
-    series = {k: [(r["step"], r[k]) for r in rows if r.get(k) is not None] for k in keys}
-    series = {k: s for k, s in series.items() if s}
-    if not series:
-        return
-    left, right, top, bottom = 70, 20, 24, 30
-    image = Image.new("RGB", (width, panel_height * len(series)), "white")
-    draw = ImageDraw.Draw(image)
-    steps = [x for s in series.values() for x, _ in s]
-    x0, x1 = min(steps), max(steps)
-    x1 = max(x1, x0 + 1)  # one step still gets an axis
-    for i, (key, points) in enumerate(series.items()):
-        y_top, y_bottom = i * panel_height + top, (i + 1) * panel_height - bottom
-        xs, ys = [x for x, _ in points], [y for _, y in points]
-        lo, hi = min(ys), max(ys)
-        lo, hi = (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) if hi > lo else (lo - 1e-3, hi + 1e-3)
-
-        def px(x, y):
-            return (left + (x - x0) / max(x1 - x0, 1) * (width - left - right),
-                    y_bottom - (y - lo) / (hi - lo) * (y_bottom - y_top))
-
-        for tick in nice_ticks(lo, hi, 4):
-            draw.line([px(x0, tick), px(x1, tick)], fill=(232, 232, 232))
-            draw.text((4, px(x0, tick)[1] - 6), f"{tick:.4g}", fill=(90, 90, 90))
-        for tick in nice_ticks(x0, x1, 6):
-            draw.line([px(tick, lo), (px(tick, lo)[0], y_bottom + 4)], fill=(90, 90, 90))
-            draw.text((px(tick, lo)[0] - 12, y_bottom + 6), f"{tick:g}", fill=(90, 90, 90))
-        draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
-        if smoothing:
-            draw.line([px(x, y) for x, y in points], fill=(160, 190, 230), width=1)
-            draw.line([px(x, y) for x, y in zip(xs, smooth(ys))], fill=(31, 80, 180), width=2)
-        else:
-            draw.line([px(x, y) for x, y in points], fill=(31, 80, 180), width=2)
-            for u, v in map(px, xs, ys):
-                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=(31, 80, 180))
-        draw.text((left, y_top - 16), f"{key}   (last {ys[-1]:.4g}; step {xs[-1]})", fill=(0, 0, 0))
-    image.save(path)
-
-
-# ----------------------------------------------------------------------------- logs, grids, checkpoints
+# ----------------------------------------------------------------------------- when, and checkpoints
 
 def due(step, every, last_step):
     """The one way of saying "every N steps": step is a multiple of N, or the last step."""
     return step % every == 0 or step == last_step
-
-
-class MetricsLog:
-    """Step metrics summed on the device (no host sync per step), averaged over the steps since
-    the last log line and over processes, written as one JSON row per log step to
-    metrics.jsonl and drawn into loss.png (master process only)."""
-
-    def __init__(self, run_dir, step, processes):
-        self.path, self.run_dir, self.processes = os.path.join(run_dir, "metrics.jsonl"), run_dir, processes
-        self.rows = []
-        if processes.master:
-            if os.path.exists(self.path):  # keep the history up to the resumed step only
-                with open(self.path) as f:
-                    self.rows = [r for r in map(json.loads, f) if r["step"] <= step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.rows)
-        self.sums, self.steps, self.start = {}, 0, time.time()
-
-    def add(self, metrics):
-        for name, value in metrics.items():
-            self.sums[name] = self.sums.get(name, 0) + value
-        self.steps += 1
-
-    def check_finite(self, step, ckpt_dir):
-        if not torch.isfinite(torch.tensor(all_mean({"loss": self.sums["loss"]}, self.processes.world_size)["loss"])):
-            raise UserError(f"non-finite loss before step {step}; stopped without saving. The last good "
-                            f"checkpoint is in {ckpt_dir}: relaunch to resume from it, with a lower --lr, "
-                            "--precision fp32 or another --seed")
-
-    def write(self, step, global_batch_size):
-        means = {k: v / self.steps for k, v in all_mean(self.sums, self.processes.world_size).items()}
-        device = self.processes.device
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.time() - self.start
-        self.record(dict(step=step, **{k: means[k] for k in (*LOSS_TERMS, "grad_norm") if k in means},
-                         img_per_s=self.steps * global_batch_size / seconds, step_time=seconds / self.steps,
-                         gpu_mem_gb=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0))
-        self.sums, self.steps, self.start = {}, 0, time.time()
-
-    def record(self, row):
-        """Append a row (the log's, or an evaluation's) to metrics.jsonl, print it and redraw the plots."""
-        if not self.processes.master:
-            return
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-        plot_curves(self.rows, (*LOSS_TERMS, "grad_norm"), os.path.join(self.run_dir, "loss.png"))
-
-    def exclude(self, since):
-        """Leave the time since `since` (sampling, checkpoints) out of the training throughput."""
-        self.start += time.time() - since
-
-
-class SampleGrid:
-    """Fixed noise and labels for the sample grids, the same on every process and after a resume:
-    one row of 8 per class (at most 10 classes), sampled from the EMA with the SDE sampler."""
-
-    def __init__(self, args, dataset, z_dim, vae, device):
-        generator = torch.Generator().manual_seed(args.seed)
-        size = dataset.resolution // dataset.downsample
-        self.y = torch.arange(min(dataset.num_classes, 10)).repeat_interleave(8).to(device)
-        self.x = torch.randn(len(self.y), dataset.latent_channels, size, size, generator=generator).to(device)
-        self.cls = torch.randn(len(self.y), z_dim, generator=generator).to(device) if args.cls_coeff > 0 else None
-        self.vae, self.args, self.dataset = vae, args, dataset
-
-    def save(self, ema, path):
-        args, device = self.args, self.x.device
-        dtype = amp_dtype(args.precision, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            z, _ = sample_sde(ema, self.x, self.y, self.cls if ema.cls_token else None, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
-                              null_label=self.dataset.num_classes, path=args.path_type,
-                              generator=torch.Generator(device).manual_seed(args.seed),
-                              shifts=ema.shifts(self.y))
-        save_grid(self.vae.decode(z.float() / self.dataset.scaling_factor), path, nrow=8)
-
-
-class Evaluation:
-    """FID, sFID, IS, precision and recall of the EMA with evaluate.py's code (ADM's evaluator,
-    arXiv 2105.05233), by the paper's protocol without guidance (REG 2507.01467, Table 1): SDE
-    Euler-Maruyama, --eval-steps steps, CFG 1. All processes sample; rank 0 computes the metrics,
-    logs them as e.g. fid10k (the 10k from --eval-samples) and draws fid.png.
-
-    Sample i's start noise and label come from flow.start_noise (seed and index alone; the label is
-    i mod num_classes, every class equally often), batch k's SDE noise from flow.sde_generator. Each process takes a contiguous run of
-    batches, so the samples and their order do not depend on the number of processes.
-    """
-
-    def __init__(self, args, dataset, z_dim, vae, processes, run_dir):
-        self.net = evaluate.load_inception(args.inception, processes.device)
-        self.ref = evaluate.reference_statistics(args.eval_ref, self.net)  # cached beside the file
-        n = args.eval_samples
-        tag = f"{n // 1000}k" if n % 1000 == 0 else str(n)
-        self.names = {"fid": f"fid{tag}", "sfid": f"sfid{tag}", "inception_score": f"is{tag}",
-                      "precision": f"precision{tag}", "recall": f"recall{tag}"}
-        self.plot = os.path.join(run_dir, "fid.png")
-        self.args, self.dataset, self.z_dim, self.vae, self.processes = args, dataset, z_dim, vae, processes
-
-    def images(self, ema, k):
-        """Batch k of the samples as uint8 (n, H, W, 3), decoded from latent / scaling_factor."""
-        args, device = self.args, self.processes.device
-        indices = range(k * args.eval_batch_size, min((k + 1) * args.eval_batch_size, args.eval_samples))
-        d = self.dataset
-        size = d.resolution // d.downsample
-        x, cls, y = (None if t is None else t.to(device) for t in start_noise(
-            indices, args.seed, (d.latent_channels, size, size), self.z_dim if ema.cls_token else None, d.num_classes))
-        dtype = amp_dtype(args.precision, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            z, _ = sample_sde(ema, x, y, cls, steps=args.eval_steps, cfg_scale=1.0, null_label=d.num_classes,
-                              path=args.path_type, generator=sde_generator(args.seed, k, device),
-                              shifts=ema.shifts(y))
-        images = to_uint8(self.vae.decode(z.float() / self.dataset.scaling_factor).float())  # (n, 3, H, W)
-        return images.permute(0, 2, 3, 1).cpu().numpy()
-
-    def features(self, ema):
-        """This process's share of the samples -> their Inception features (evaluate.features' dict)."""
-        rank, world_size = self.processes.rank, self.processes.world_size
-        batches = -(-self.args.eval_samples // self.args.eval_batch_size)
-        parts = [evaluate.features(self.net, self.images(ema, k), progress=False)
-                 for k in range(batches * rank // world_size, batches * (rank + 1) // world_size)]
-        if not parts:  # more processes than batches: this one contributes no rows
-            size = self.dataset.resolution
-            parts = [evaluate.features(self.net, np.zeros((0, size, size, 3), np.uint8), progress=False)]
-        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-
-    def run(self, step, ema, log):
-        """Evaluate; any failure becomes a warning and training goes on. Every process takes the
-        same path through the collectives, whichever process failed."""
-        start, error, numbers = time.time(), None, None
-        try:
-            feats = self.features(ema)
-        except Exception as e:  # an evaluation must never end the run
-            feats, error = None, e
-        ok = torch.tensor(float(error is None), device=self.processes.device)
-        if self.processes.world_size > 1:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        if ok.item():
-            feats = evaluate.gather_features(feats)
-            if self.processes.master:
-                try:
-                    numbers = evaluate.metrics(self.ref, feats)
-                except Exception as e:
-                    error = e
-        if not self.processes.master:
-            return
-        if numbers is None:
-            reason = f"{type(error).__name__}: {error}" if error else "it failed on another process"
-            warnings.warn(f"evaluation at step {step} failed: {reason}; training goes on", stacklevel=2)
-            return
-        log.record(dict(step=step, **{name: numbers[key] for key, name in self.names.items()},
-                        eval_seconds=time.time() - start))
-        plot_curves(log.rows, self.names.values(), self.plot, smoothing=False)
-
-
-class TrainingLatents:
-    """The training set as latents, read a block at a time: posterior mean x scaling factor (for the
-    built-in data, the pixels in [-1, 1]). The means, not posterior samples: the question is which
-    training image a sample copies, and the mean is the image's latent."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, block):
-        mean = self.dataset.moments(np.arange(len(self.dataset))[block]).chunk(2, dim=1)[0]  # (B, C, h, w)
-        return mean * self.dataset.scaling_factor
-
-
-class Memorization:
-    """The memorized fraction of the EMA's samples (evaluate.memorized_fraction: the share whose
-    nearest training latent is closer than a third of the second nearest; Bonnaire et al., arXiv
-    2505.17638), logged as mem_frac and drawn into mem.png. The samples: --mem-samples from fixed
-    noise (flow.start_noise, labels cycling over the classes), SDE with --sample-steps, no
-    guidance; compared in latent space with the training set (pixel space for the built-in data).
-    The master process samples alone."""
-
-    def __init__(self, args, dataset, z_dim, device, run_dir):
-        self.args, self.dataset, self.z_dim, self.device = args, dataset, z_dim, device
-        self.latents, self.plot = TrainingLatents(dataset), os.path.join(run_dir, "mem.png")
-
-    def run(self, step, ema, log):
-        args, d, device = self.args, self.dataset, self.device
-        size = d.resolution // d.downsample
-        dtype = amp_dtype(args.precision, device)
-        samples = []
-        for k, start in enumerate(range(0, args.mem_samples, args.eval_batch_size)):
-            indices = range(start, min(start + args.eval_batch_size, args.mem_samples))
-            x, cls, y = (None if t is None else t.to(device) for t in start_noise(
-                indices, args.seed, (d.latent_channels, size, size), self.z_dim if ema.cls_token else None,
-                d.num_classes))
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                z, _ = sample_sde(ema, x, y, cls, steps=args.sample_steps, null_label=d.num_classes,
-                                  path=args.path_type, generator=sde_generator(args.seed, k, device))
-            samples.append(z.float())
-        log.record(dict(step=step, mem_frac=evaluate.memorized_fraction(torch.cat(samples), self.latents)))
-        plot_curves(log.rows, ["mem_frac"], self.plot, smoothing=False)
 
 
 def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
@@ -699,24 +426,24 @@ def open_data(args, processes):
     return dataset, run_dir
 
 
-def build_frozen_outputs(args, dataset, z_dim, processes, run_dir):
-    """The VAE decoder for the sample grids and evaluations, and the evaluation (its Inception
-    and the reference statistics: a bad file fails here, before training). Their random
-    initialisation before loading weights must not shift the training noise: a forked RNG."""
+def build_monitors(args, dataset, z_dim, processes, run_dir):
+    """What watches the run (monitor.py): the sample grid with its VAE decoder (master), FID (its
+    Inception and reference statistics: a bad file fails here, before training) and the memorized
+    fraction (master), None where not asked for. The networks' random initialisation before
+    loading weights must not shift the training noise: a forked RNG."""
     device, master = processes.device, processes.master
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         vae = load_vae(dataset.vae, path=args.vae_path).to(device) if master or args.eval_every else None
         evaluation = Evaluation(args, dataset, z_dim, vae, processes, run_dir) if args.eval_every else None
     grid = SampleGrid(args, dataset, z_dim, vae, device) if master else None
-    return grid, evaluation
+    memorization = Memorization(args, dataset, z_dim, device, run_dir) if args.mem_every and master else None
+    return grid, evaluation, memorization
 
 
 def distribute(args, model, encoder, ema, ckpt, processes):
     """The SiT wrapped for the forward (DDP over processes, torch.compile on GPU) and the encoder to run."""
     device = processes.device
-    net = model
-    if processes.world_size > 1:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if processes.world_size > 1 else model
     if processes.world_size > 1 and ckpt is None:  # DDP gave every process rank 0's weights: the EMA starts there too
         ema.load_state_dict(model.state_dict())
     if device.type == "cuda" if args.compile is None else args.compile:  # fuses the elementwise kernels
@@ -730,17 +457,16 @@ def main(args):
     dataset, run_dir = open_data(args, processes)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
 
-    # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer; the
-    # frozen networks of the outputs (VAE decoder, FID Inception).
+    # Networks: the frozen encoder, the SiT, its EMA (sampled from) and the optimizer; what
+    # watches the run (sample grids, FID, memorized fraction).
     encoder = build_encoder(args, dataset).to(device)
-    model, config = build_model(args, dataset, encoder.z_dim)
+    model, config = build_model(args, dataset, encoder.z_dims)
     model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt, scaler = build_optimizer(args, model)
-    grid, evaluation = build_frozen_outputs(args, dataset, encoder.z_dim, processes, run_dir)
+    grid, evaluation, memorization = build_monitors(args, dataset, encoder.z_dim, processes, run_dir)
     references = ClassReferences(dataset, args.cf_refs - 1, args.seed, processes.rank, device) \
         if args.target == "closed-form" else None
-    memorization = Memorization(args, dataset, encoder.z_dim, device, run_dir) if args.mem_every and master else None
 
     # Resume from the run directory's latest checkpoint, if any; then the data from that step on.
     step, ckpt = resume(args, ckpt_dir, model, ema, opt, scaler)
@@ -770,17 +496,16 @@ def main(args):
             log.check_finite(step, ckpt_dir)  # before anything of this step is saved
         if due(step, args.log_every, last):
             log.write(step, args.global_batch_size)
-        paused = time.time()
-        if master and due(step, args.sample_every, last):
-            grid.save(ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
-        if due(step, args.checkpoint_every, last):
-            write_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), step, model, ema, opt, scaler, args,
-                             config, processes)
-        if evaluation and due(step, args.eval_every, last):  # after the checkpoint: it is safe whatever happens here
-            evaluation.run(step, ema, log)
-        if memorization and due(step, args.mem_every, last):
-            memorization.run(step, ema, log)
-        log.exclude(since=paused)
+        with log.paused():
+            if master and due(step, args.sample_every, last):
+                grid.save(ema, os.path.join(run_dir, f"samples_{step:07d}.png"))
+            if due(step, args.checkpoint_every, last):
+                write_checkpoint(os.path.join(ckpt_dir, f"{step:07d}.pt"), step, model, ema, opt, scaler, args,
+                                 config, processes)
+            if evaluation and due(step, args.eval_every, last):  # after the checkpoint: safe whatever happens here
+                evaluation.run(step, ema, log)
+            if memorization and due(step, args.mem_every, last):
+                memorization.run(step, ema, log)
 
     if master:
         print(f"done: {step} steps; checkpoints, samples and loss.png in {run_dir}")

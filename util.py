@@ -11,6 +11,7 @@ import argparse
 import datetime
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,22 @@ class UserError(Exception):
     The message says what is wrong and what to do. Scripts print it as one line `error: ...` and
     exit with status 2, without a traceback; tracebacks are kept for bugs.
     """
+
+
+def load_file(path, what, how):
+    """A .pt file as a dict, read with torch.load(weights_only=True), so no code in it runs; a file
+    that is missing, corrupt, a pickle carrying code or not a dict is one line: `{path} is not
+    {what} ...; {how}`. The one reader of checkpoints (model.read_checkpoint) and encoder files."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # a foreign file's warnings would be a second line
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError (zip) or others for a foreign file
+        raise UserError(f"{path} is not {what} ({type(e).__name__}); {how}") from e
+    for w in caught:  # a good file's warnings still reach the user
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not {what}: it holds a {type(state).__name__}, not a dict; {how}")
+    return state
 
 
 def run(main, *args):
@@ -127,6 +144,20 @@ def distributed():
 def barrier():
     if distributed():
         dist.barrier()
+
+
+def all_mean(values, world_size):
+    """{name: 0-d tensor} -> {name: float}, averaged over processes (one all-reduce, one host sync)."""
+    stacked = torch.stack([values[k] for k in sorted(values)])
+    if world_size > 1:
+        dist.all_reduce(stacked)
+        stacked /= world_size
+    return dict(zip(sorted(values), stacked.tolist()))
+
+
+def amp_dtype(precision, device):
+    """train.py's autocast dtype: bf16 or fp16 on GPU; none on CPU, where autocast is slower than fp32 here."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision] if device.type == "cuda" else None
 
 
 def cleanup_processes():

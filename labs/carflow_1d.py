@@ -28,10 +28,10 @@ import time
 
 import torch
 import torch.nn as nn
-from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from flow import sample_ode, training_loss  # noqa: E402
+from plot import line_plot  # noqa: E402
 from util import ArgumentParser, number  # noqa: E402
 
 MEANS, STD = (-1.5, 1.5), 0.2  # the two classes' data, section 4.1
@@ -152,34 +152,20 @@ def exact_lengths():
     return folded, sd * math.sqrt(2 / math.pi)
 
 
-def plot(runs, keys, path, title, width=760, height=240):
-    """One panel per (key, label, log-scale) of `keys`: the mean over seeds of each arm against the step."""
-    image = Image.new("RGB", (width, height * len(keys) + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((10, 8), title, fill=(0, 0, 0))
-    left, right, top, bottom = 70, 20, 40, 30
-    for i, (key, label, log) in enumerate(keys):
-        curves = {}
+def plot(runs, keys, path, title):
+    """One panel per (key, label, log-scale) of `keys`: each arm's mean over seeds against the step,
+    band min..max over seeds."""
+    panels = []
+    for key, label, log in keys:
+        series = []
         for arm in dict.fromkeys(r["arm"] for r in runs):
-            arm_runs = [r["curve"] for r in runs if r["arm"] == arm]
-            steps = [row["step"] for row in arm_runs[0]]
-            curves[arm] = (steps, [sum(c[j][key] for c in arm_runs) / len(arm_runs) for j in range(len(steps))])
-        f = (lambda v: math.log10(max(v, 1e-4))) if log else (lambda v: v)
-        ys = [f(v) for _, vals in curves.values() for v in vals]
-        lo, hi = min(ys), max(ys) + 1e-9
-        x_max = max(s for steps, _ in curves.values() for s in steps)
-        y0, y1 = i * height + top, (i + 1) * height - bottom + 30
-
-        def px(s, v):
-            return left + s / x_max * (width - left - right), y1 - (f(v) - lo) / (hi - lo) * (y1 - y0)
-
-        draw.rectangle([left, y0, width - right, y1], outline=(150, 150, 150))
-        draw.text((left, y0 - 14), f"{label}{' (log10)' if log else ''}: {lo:.3g} .. {hi:.3g}; steps 0 .. {x_max}",
-                  fill=(0, 0, 0))
-        for j, (arm, (steps, vals)) in enumerate(curves.items()):
-            draw.line([px(s, v) for s, v in zip(steps, vals)], fill=COLORS.get(arm, (0, 0, 0)), width=2)
-            draw.text((width - right - 80, y0 + 4 + 12 * j), arm, fill=COLORS.get(arm, (0, 0, 0)))
-    image.save(path)
+            curves = [r["curve"] for r in runs if r["arm"] == arm]
+            per_step = [[c[j][key] for c in curves] for j in range(len(curves[0]))]  # [step][seed]
+            series.append(dict(name=arm, colour=COLORS.get(arm, (0, 0, 0)), x=[row["step"] for row in curves[0]],
+                               y=[sum(v) / len(v) for v in per_step],
+                               band=([min(v) for v in per_step], [max(v) for v in per_step])))
+        panels.append(dict(title=label, xlabel="step", log_y=log, series=series))
+    line_plot(panels, path, width=760, height=240, title=title)
 
 
 def report(runs, args, seconds):

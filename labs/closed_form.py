@@ -10,8 +10,7 @@
     later they part (README, "Closed-form flow matching").
 (b) Training with each target: train.py's built-in preset with --target stochastic and with
     --target closed-form --cf-refs M, the same settings and seeds otherwise; sample quality
-    (labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet
-    distance) and memorized fraction (evaluate.memorized_fraction) of the EMA's samples over steps.
+    (labs/common.py: the FID of toy.py's evaluator) and memorized fraction (evaluate.memorized_fraction) of the EMA's samples over steps.
 (c) The closed-form sampler: flow.ClosedForm (v* over the whole training set, class-conditional)
     in place of the network, with Euler on the ODE as in (b) and with the SDE sampler; its memorized
     fraction should be about 1, and that of held-out real images, for scale, about 0. (The SDE's
@@ -20,7 +19,7 @@
 
     python labs/closed_form.py                  # CPU, reduced
     python labs/closed_form.py --device cuda    # one H200
-Writes labs/out/closed_form/: closed_form.png, results.json / results.md, runs/ (per-run rows, logs).
+Writes runs/labs/closed_form/: closed_form.png, results.json / results.md, runs/ (per-run rows, logs).
 """
 import argparse
 import json
@@ -52,7 +51,7 @@ def get_args(argv=None):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="picks the preset and the device")
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="seeds of every part")
     p.add_argument("--num-images", type=number(int, 2), default=None, help="(b): train on the first N images; none: all 5000")
-    p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "closed_form"))
+    p.add_argument("--out", default=os.path.join(common.REPO, "runs", "labs", "closed_form"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one training run, in its own process
     args = p.parse_args(argv)
     common.require_gpu(p, args.device)
@@ -101,7 +100,7 @@ def job(target, seed, args):
              "--ema-decay", str(p["ema"]), "--no-compile"]
     flags += ["--num-images", str(args.num_images)] if args.num_images else []
     return dict(name=name, target=target, seed=seed, flags=flags, num_images=args.num_images, samples=p["samples"],
-                sample_steps=p["sample_steps"], device=args.device, evaluator=common.default_evaluator(),
+                sample_steps=p["sample_steps"], device=args.device, evaluator=common.EVALUATOR,
                 out_json=os.path.join(args.out, "runs", f"{name}.json"))
 
 
@@ -140,7 +139,7 @@ def main(args):
     p, seeds = args.preset, args.seeds
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = "python labs/closed_form.py " + " ".join(sys.argv[1:])
-    quality = common.Quality(common.default_evaluator(), device=args.device)  # trains the toy evaluator once, if absent
+    quality = common.Quality(common.EVALUATOR, device=args.device)  # trains the toy evaluator once, if absent
     # Phase (a): the gap between the targets, per resolution, M and seed.
     gap = {r: [target_gap(r, s, p, args.device) for s in seeds] for r in p["resolutions"]}
     # Phase (b): the training runs not done yet, then their rows.

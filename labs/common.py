@@ -7,23 +7,25 @@ import json
 import math
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import evaluate  # noqa: E402
 import sample  # noqa: E402
+import toy  # noqa: E402
 from data import BuiltinShapes  # noqa: E402
 from encoder import load_vae  # noqa: E402
 from model import read_checkpoint  # noqa: E402
+from plot import line_plot  # noqa: E402
 
 # The held-out images that sample quality is measured against: the built-in data of another seed
 # (train.py trains on seed 0), so no training image is among them.
 REFERENCE_SEED = 2
+# toy.py's evaluator of the labs' data ("shapes"), cached under runs/toy/ as reg_vs_repa.py's are.
+EVALUATOR = os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt")
 
 
 def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
@@ -42,40 +44,20 @@ def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
 
 
 class Quality:
-    """Sample quality against held-out built-in images. With toy.py's evaluator (a small classifier
-    trained on other held-out images), its FID, precision, recall and accuracy. Without toy.py, two measures in
-    pixel space that need no trained network: `pixel_fd`, the Frechet distance (evaluate.py's) of
-    4x4-average-pooled pixels (48 numbers per image), and `nn_accuracy`, the share of samples whose
-    nearest held-out image (L2 in pixels) has the label the sample was asked for."""
+    """Sample quality against held-out built-in images: toy.py's evaluator (a small classifier
+    trained on other held-out images; trained here on first use) gives their FID, precision,
+    recall and conditional accuracy (toy.toy_metrics)."""
 
-    def __init__(self, evaluator=None, num_reference=2000, device="cpu"):
-        ref = BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED)
-        self.reference, self.labels = torch.from_numpy(ref.images), torch.from_numpy(ref.labels)
-        self.net, self.device = None, device
-        if evaluator:
-            import toy  # issue 18's toy evaluator (toy.py at the repository root)
-            if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
-                toy.train_evaluator(evaluator, variant="shapes")
-            self.net, self.toy = toy.load_evaluator(evaluator, device), toy
-        self.names = ("fid", "precision", "recall", "accuracy") if self.net else ("pixel_fd", "nn_accuracy")
-        self.main = self.names[0]  # the number whose minimum over training is tau_gen
+    def __init__(self, evaluator=EVALUATOR, num_reference=2000, device="cpu"):
+        self.reference = torch.from_numpy(BuiltinShapes(num_images=num_reference, seed=REFERENCE_SEED).images)
+        if not os.path.exists(evaluator):  # trained on held-out images of the labs' data, "shapes"
+            toy.train_evaluator(evaluator, variant="shapes")
+        self.net = toy.load_evaluator(evaluator, device)
+        self.names = ("fid", "precision", "recall", "accuracy")
+        self.main = "fid"  # the number whose minimum over training is tau_gen
 
     def __call__(self, samples, labels):
-        if self.net is not None:
-            return self.toy.toy_metrics(self.net, samples, labels, self.reference)
-        pooled = [torch.nn.functional.avg_pool2d(x.double() / 127.5 - 1, 8).flatten(1).numpy()
-                  for x in (samples, self.reference)]
-        with warnings.catch_warnings():  # a collapsed set of samples has a singular covariance
-            warnings.simplefilter("ignore")
-            fd = evaluate.frechet_distance(*evaluate.mean_cov(pooled[1]), *evaluate.mean_cov(pooled[0]))
-        dist = torch.cdist(samples.flatten(1).double(), self.reference.flatten(1).double())  # (N, refs)
-        accuracy = (self.labels[dist.argmin(1)] == labels).double().mean().item()
-        return {"pixel_fd": fd, "nn_accuracy": accuracy}
-
-
-def default_evaluator():
-    """The toy evaluator's file when toy.py exists (trained on first use), else None (pixel measures)."""
-    return os.path.join(REPO, "runs", "toy", "evaluator-shapes.pt") if os.path.exists(os.path.join(REPO, "toy.py")) else None
+        return toy.toy_metrics(self.net, samples, labels, self.reference)
 
 
 def require_gpu(parser, device):
@@ -93,54 +75,17 @@ def mean_std(values):
 
 # ----------------------------------------------------------------------------- plots and tables
 
-COLOURS = [(31, 80, 180), (200, 60, 40), (40, 150, 60), (150, 60, 170), (230, 140, 20), (20, 160, 170),
-           (120, 120, 120), (0, 0, 0)]
+def line_panels(panels, path):
+    """plot.line_plot of the labs' summaries, two panels a row. panels: dicts with title, xlabel,
+    log_x (optional) and series: [(name, [(x, mean, std or None), ...])], a mean of None skipped;
+    each series a line with dots and the band mean -/+ std."""
+    def series(name, points):
+        points = [(x, m, s or 0.0) for x, m, s in points if m is not None]
+        return dict(name=name, x=[x for x, _, _ in points], y=[m for _, m, _ in points], dots=True,
+                    band=([m - s for _, m, s in points], [m + s for _, m, s in points]))
 
-
-def line_panels(panels, path, width=640, height=300, columns=2):
-    """Several panels of lines, drawn with PIL. panels: dicts with title, xlabel, log_x (bool) and
-    series: [(name, [(x, y, spread or None), ...])]; a spread is drawn as a vertical bar."""
-    rows = -(-len(panels) // columns)
-    image = Image.new("RGB", (width * columns, height * rows), "white")
-    draw = ImageDraw.Draw(image)
-    for k, panel in enumerate(panels):
-        ox, oy = (k % columns) * width, (k // columns) * height
-        left, right, top, bottom = ox + 60, ox + width - 130, oy + 28, oy + height - 36
-        points = [(x, y, s) for _, series in panel["series"] for x, y, s in series if y is not None]
-        if not points:
-            continue
-        fx = (lambda v: math.log10(v)) if panel.get("log_x") else (lambda v: v)
-        xs = [fx(x) for x, _, _ in points]
-        ys = [y + sgn * (s or 0) for _, y, s in points for sgn in (-1, 1)]
-        x0, x1 = min(xs), max(max(xs), min(xs) + 1e-9)
-        y0, y1 = min(ys), max(ys)
-        y0, y1 = (y0, y1) if y1 - y0 > 1e-9 * max(1.0, abs(y1)) else (y0 - 0.5, y1 + 0.5)  # a flat line: a unit range
-        y0, y1 = y0 - 0.05 * (y1 - y0), y1 + 0.05 * (y1 - y0)
-
-        def px(x, y):
-            return (left + (fx(x) - x0) / (x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-
-        draw.rectangle([left, top, right, bottom], outline=(150, 150, 150))
-        for i in range(5):
-            yv = y0 + i / 4 * (y1 - y0)
-            draw.text((ox + 4, px(x0 if not panel.get("log_x") else 10 ** x0, yv)[1] - 6), f"{yv:.3g}", fill=(90, 90, 90))
-            xv = x0 + i / 4 * (x1 - x0)
-            label = 10 ** xv if panel.get("log_x") else xv
-            draw.text((left + i / 4 * (right - left) - 12, bottom + 4), f"{label:.3g}", fill=(90, 90, 90))
-        draw.text((left, oy + 8), panel["title"], fill=(0, 0, 0))
-        draw.text((right - 80, bottom + 18), panel.get("xlabel", ""), fill=(0, 0, 0))
-        for i, (name, series) in enumerate(panel["series"]):
-            colour = COLOURS[i % len(COLOURS)]
-            series = [(x, y, s) for x, y, s in series if y is not None]
-            if len(series) > 1:
-                draw.line([px(x, y) for x, y, _ in series], fill=colour, width=2)
-            for x, y, s in series:
-                u, v = px(x, y)
-                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
-                if s:
-                    draw.line([px(x, y - s), px(x, y + s)], fill=colour)
-            draw.text((right + 8, top + 14 * i), name, fill=colour)
-    image.save(path)
+    line_plot([dict(panel, series=[series(*s) for s in panel["series"]]) for panel in panels], path, columns=2,
+              width=640, height=300)
 
 
 def write_tables(rows, columns, out_dir, name, header):

@@ -5,7 +5,7 @@ The same model (train.py's built-in preset: SiT-T/4 + REG with the stand-in enco
 the first n built-in images for several n, each for the same number of steps per image (steps / n).
 Every few steps the EMA's samples are measured: their memorized fraction (evaluate.memorized_fraction,
 d1 / d2 < 1/3 in pixels against the n training images) and their quality against held-out images
-(labs/common.py: the FID of toy.py's evaluator, else a pixel-space Frechet distance).
+(labs/common.py: the FID of toy.py's evaluator).
 The paper's finding: quality is reached at tau_gen, independent of n; memorization starts later, at
 tau_mem proportional to n, so the curves of memorized fraction against steps / n fall on one another.
 
@@ -13,8 +13,8 @@ tau_mem proportional to n, so the curves of memorized fraction against steps / n
     python labs/memorization.py --device cuda      # one H200: n = 16 .. 128, 3 seeds
 Each invocation runs the (n, seed) pairs not yet done and redraws everything from all results so far.
 Definitions: tau_mem = the first step at which the memorized fraction reaches 0.1 (linear between
-evaluations; none if it never does); tau_gen = the step of the best (lowest) FID / pixel FD.
-Writes labs/out/memorization/: memorization.png, results.json / results.md, runs/ (per-run rows, logs).
+evaluations; none if it never does); tau_gen = the step of the best (lowest) toy FID.
+Writes runs/labs/memorization/: memorization.png, results.json / results.md, runs/ (per-run rows, logs).
 """
 import argparse
 import json
@@ -42,7 +42,7 @@ def get_args(argv=None):
     p.add_argument("--ns", type=number(int, 2), nargs="+", default=None, help="training-set sizes; none: the preset's")
     p.add_argument("--seeds", type=number(int, 0), nargs="+", default=[0, 1, 2], help="one run per (n, seed)")
     p.add_argument("--steps-per-image", type=number(int, 1), default=None, help="training steps = this x n; none: preset")
-    p.add_argument("--out", default=os.path.join(common.REPO, "labs", "out", "memorization"))
+    p.add_argument("--out", default=os.path.join(common.REPO, "runs", "labs", "memorization"))
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process
     args = p.parse_args(argv)
     common.require_gpu(p, args.device)
@@ -63,7 +63,7 @@ def job(n, seed, args):
              "--checkpoint-every", str(max(1, steps // p["evals"])), "--sample-every", str(steps),
              "--log-every", str(max(1, steps // 20)), "--ema-decay", str(p["ema"]), "--no-compile"]
     return dict(name=name, n=n, seed=seed, flags=flags, samples=p["samples"], sample_steps=p["sample_steps"],
-                device=args.device, evaluator=common.default_evaluator(),
+                device=args.device, evaluator=common.EVALUATOR,
                 out_json=os.path.join(args.out, "runs", f"{name}.json"))
 
 
@@ -87,7 +87,7 @@ def crossing(rows, key, level):
 
 def summarise(args, runs):
     """Per n: tau_mem, tau_gen (mean, std over seeds) and the last evaluation; the fit of tau_mem on n."""
-    quality_key = next(k for k in ("fid", "pixel_fd") if k in next(iter(runs.values()))[0])
+    quality_key = "fid"
     table, points = [], []
     for n in sorted({n for n, _ in runs}):
         per_seed = [rows for (m, _), rows in sorted(runs.items()) if m == n]
@@ -135,7 +135,7 @@ def plot(args, runs, table, quality_key, path):
 
 def main(args):
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
-    common.Quality(common.default_evaluator())  # trains the toy evaluator here, once, if it is not there yet
+    common.Quality(common.EVALUATOR)  # trains the toy evaluator here, once, if it is not there yet
     # Phase 1: the runs not done yet (each trains, then evaluates its checkpoints).
     jobs = [job(n, seed, args) for n in sorted(args.preset["ns"], reverse=True) for seed in args.seeds]  # longest first
     common.run_workers(os.path.abspath(__file__), jobs, args.preset["parallel"])

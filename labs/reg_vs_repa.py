@@ -14,7 +14,7 @@ embedder then drops every label to the null one, so only REG's token can carry t
 teachers (encoder.BuiltinViT: "label", whose class token is trained on the class, and "rich", on the
 class and every global attribute of the image) and the scorer (toy.ToyEvaluator) are trained by
 toy.py when their files are missing and cached under runs/toy/. The EMA of every checkpoint is
-sampled with flow.sample_sde (no guidance, the paper's protocol) and scored by toy.toy_metrics
+sampled with flow.sample_sit (no guidance, the paper's protocol) and scored by toy.toy_metrics
 against held-out images.
 
 Outputs in --out (default runs/labs/reg_vs_repa, or runs/labs/reg_vs_repa-tokens): results.json
@@ -43,8 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # labs/, for com
 import common  # noqa: E402
 import toy  # noqa: E402
 import train  # noqa: E402
-from flow import interpolant, sample_sde, sde_generator, start_noise  # noqa: E402
+from flow import interpolant, sample_sit, sde_generator, start_noise  # noqa: E402
 from model import SiT_models, load_weights, read_checkpoint  # noqa: E402
+from plot import line_plot  # noqa: E402
 from util import ArgumentParser, number, run, save_grid  # noqa: E402
 
 # Each arm: the teacher whose tokens it uses (toy.TEACHERS) and its own train.py flags; nothing else
@@ -198,8 +199,8 @@ def generate(model, indices, seed, unconditional, device, steps, batch_size=500,
                                 model.num_classes)
         asked = torch.full_like(y, model.num_classes) if unconditional else y
         net = model if token is None else token(model, cls.to(device))
-        z, _ = sample_sde(net, x.to(device), asked.to(device), None if cls is None else cls.to(device), steps=steps,
-                          null_label=model.num_classes, generator=sde_generator(seed, k, device))
+        z, _ = sample_sit(net, x.to(device), asked.to(device), None if cls is None else cls.to(device), steps=steps,
+                          generator=sde_generator(seed, k, device))
         images.append(torch.clamp(255 * (z.float() + 1) / 2, 0, 255).to(torch.uint8).cpu())  # util.to_uint8
         labels.append(y)
     return torch.cat(images), torch.cat(labels)
@@ -230,13 +231,14 @@ class GivenToken(nn.Module):
     mode "other": at time t it reads alpha_t * c + sigma_t * n, the noisy path of another sample's
     clean generated token c (with that sample's own start noise n): the image is made to go with
     someone else's token. mode "noise": it reads fresh Gaussian noise at every step, a token that
-    carries nothing. flow.sample_sde treats the model as a function, so no sampler hook is needed.
+    carries nothing. The samplers treat the model as a function, so no sampler hook is needed.
     """
 
     def __init__(self, model, mode, clean=None, start=None, seed=0):
         super().__init__()
         self.model, self.mode, self.clean, self.start = model, mode, clean, start
         self.generator = torch.Generator(next(model.parameters()).device).manual_seed(seed)
+        self.num_classes, self.shifts = model.num_classes, model.shifts  # what flow.sample_sit reads of a SiT
 
     def forward(self, x, t, y, cls):
         if self.mode == "other":
@@ -262,8 +264,7 @@ def steering(model, unconditional, evaluator, device, steps, n=200, shown=8, rea
     donor = torch.roll(torch.arange(n), -1)  # sample i is given the token of sample i + 1
 
     def sample(net):
-        z, c = sample_sde(net, x, y, cls, steps=steps, null_label=model.num_classes,
-                          generator=sde_generator(20_000, 0, device))
+        z, c = sample_sit(net, x, y, cls, steps=steps, generator=sde_generator(20_000, 0, device))
         return torch.clamp(255 * (z.float() + 1) / 2, 0, 255).to(torch.uint8), c
 
     own, tokens = sample(model)
@@ -305,48 +306,20 @@ def save_steering(rows, numbers, path, scale=3):
 
 # ----------------------------------------------------------------------------- plot and tables
 
-def plot(results, path, width=760, panel_height=230):
+def plot(results, path):
     """Toy FID and conditional accuracy against steps: per arm the mean over seeds (a line) and
-    the band from the smallest to the largest seed. Drawn with PIL, as train.plot_curves."""
-    panels = [("fid", "toy FID (lower is better)"), ("accuracy", "conditional accuracy (higher is better)")]
-    left, right, top, bottom = 70, 150, 26, 30
-    image = Image.new("RGB", (width, panel_height * len(panels)), "white")
-    draw = ImageDraw.Draw(image, "RGBA")
-    steps = [r["step"] for arm in results.values() for run_ in arm for r in run_]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    for i, (key, title) in enumerate(panels):
-        y_top, y_bottom = i * panel_height + top, (i + 1) * panel_height - bottom
-        series = {arm: per_step(runs, key) for arm, runs in results.items()}
-        series = {arm: s for arm, s in series.items() if s}
-        values = [v for s in series.values() for _, vs in s for v in vs]
-        if not values:
-            continue
-        lo, hi = min(values), max(values)
-        lo, hi = (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo)) if hi > lo else (lo - 1e-3, hi + 1e-3)
-
-        def px(x, y):
-            return (left + (x - x0) / (x1 - x0) * (width - left - right),
-                    y_bottom - (y - lo) / (hi - lo) * (y_bottom - y_top))
-
-        for tick in train.nice_ticks(lo, hi, 4):
-            draw.line([px(x0, tick), px(x1, tick)], fill=(232, 232, 232))
-            draw.text((4, px(x0, tick)[1] - 6), f"{tick:.4g}", fill=(90, 90, 90))
-        for tick in train.nice_ticks(x0, x1, 6):
-            draw.text((px(tick, lo)[0] - 12, y_bottom + 6), f"{tick:g}", fill=(90, 90, 90))
-        draw.rectangle([left, y_top, width - right, y_bottom], outline=(150, 150, 150))
-        for k, (arm, points) in enumerate(series.items()):
-            colour = COLOURS[arm]
-            band = [px(x, max(vs)) for x, vs in points] + [px(x, min(vs)) for x, vs in reversed(points)]
-            if len(points) > 1:
-                draw.polygon(band, fill=(*colour, 50))
-            line = [px(x, statistics.fmean(vs)) for x, vs in points]
-            if len(line) > 1:
-                draw.line(line, fill=colour, width=2)
-            for u, v in line:
-                draw.ellipse([u - 3, v - 3, u + 3, v + 3], fill=colour)
-            draw.text((width - right + 10, y_top + 14 * k), arm, fill=colour)
-        draw.text((left, y_top - 18), f"{title} against training steps; band: min..max over seeds", fill=(0, 0, 0))
-    image.save(path)
+    the band from the smallest to the largest seed."""
+    panels = []
+    for key, title in (("fid", "toy FID (lower is better)"), ("accuracy", "conditional accuracy (higher is better)")):
+        series = []
+        for arm, runs in results.items():
+            points = per_step(runs, key)  # [(step, [value per seed])]
+            if points:
+                steps, values = zip(*points)
+                series.append(dict(name=arm, colour=COLOURS[arm], x=steps, y=[statistics.fmean(v) for v in values],
+                                   band=([min(v) for v in values], [max(v) for v in values]), dots=True))
+        panels.append(dict(title=f"{title} against training steps; band: min..max over seeds", series=series))
+    line_plot(panels, path, width=760, height=230)
 
 
 def per_step(runs, key):

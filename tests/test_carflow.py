@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import flow
 import sample
 import train
 from flow import sample_ode, sample_sde, score_from_velocity, training_loss
@@ -438,8 +439,8 @@ def test_sample_py_reads_the_variant_from_the_checkpoint_and_shifts_every_sample
     path = joint_runs["out"] / "resumed" / RUN / "checkpoints" / "0000002.pt"
     calls = []
     for name in ("sample_sde", "sample_ode"):
-        real = getattr(sample, name)
-        monkeypatch.setattr(sample, name, lambda *a, real=real, **k: calls.append(k["shifts"]) or real(*a, **k))
+        real = getattr(flow, name)
+        monkeypatch.setattr(flow, name, lambda *a, real=real, **k: calls.append(k["shifts"]) or real(*a, **k))
     sample.main(sample.get_args(["--ckpt", str(path), "--out", str(tmp_path / "grid.png"), "--classes", "1", "2",
                                  "--per-class", "2", *flags]))
     model = sample.build_model(read_checkpoint(str(path)), sample.get_args(["--ckpt", str(path)]))[0]

@@ -155,6 +155,23 @@ def test_training_loss_regresses_the_closed_form_target_on_the_image_only():
         training_loss(zero_model, x, None, cls, target="optimal", **kw)
 
 
+def test_training_loss_takes_the_closed_form_target_on_its_own_path():
+    """Guards --target closed-form --path-type cosine: the regressed target is v* on the cosine path,
+    not the linear one."""
+    g = torch.Generator().manual_seed(8)
+    x, noise = torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 4, 4, generator=g)
+    others, t = torch.randn(4, 2, 3, 4, 4, generator=g), torch.rand(4, generator=g) * 0.8 + 0.1
+
+    def zero_model(x_t, t, y, cls_t):
+        return torch.zeros_like(x_t), None, None
+
+    loss = training_loss(zero_model, x, None, path="cosine", t=t, noise=noise, target="closed-form", refs=others)
+    cosine, linear = (closed_form_target(x, noise, t, others, path).square().mean(dim=(1, 2, 3))
+                      for path in ("cosine", "linear"))
+    torch.testing.assert_close(loss["denoise"], cosine)
+    assert not torch.allclose(cosine, linear)
+
+
 def test_closed_form_sampler_returns_training_points_of_the_asked_class():
     g = torch.Generator().manual_seed(7)
     data = torch.randn(8, 3, 4, 4, generator=g, dtype=torch.float64)
@@ -172,9 +189,10 @@ def test_closed_form_sampler_returns_training_points_of_the_asked_class():
         assert dist.min(1).values.max() < tolerance * dist.median()
 
 
-def test_closed_form_target_refuses_car_flow_shifts():
+@pytest.mark.parametrize("car", ["source", "target", "joint"])
+def test_closed_form_target_refuses_car_flow_shifts(car):
     """Guards: the closed-form target, derived for the unshifted path, is never silently combined with
-    CAR-Flow's shifts (in flow.training_loss and at train.py's command line)."""
+    CAR-Flow's shifts (in flow.training_loss and at train.py's command line), whichever --car."""
     import flow
     import train
     x = torch.zeros(2, 3, 4, 4)
@@ -182,4 +200,4 @@ def test_closed_form_target_refuses_car_flow_shifts():
         flow.training_loss(lambda *a: (x, None, None), x, torch.zeros(2, dtype=torch.long), target="closed-form",
                            refs=torch.zeros(2, 1, 3, 4, 4), shifts=(x, x))
     with pytest.raises(SystemExit):
-        train.get_args(["--target", "closed-form", "--car", "joint"])
+        train.get_args(["--target", "closed-form", "--car", car])

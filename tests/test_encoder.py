@@ -15,7 +15,7 @@ from timm.layers import resample_abs_pos_embed
 
 import encoder
 from util import UserError
-from encoder import (DINOv2, AutoencoderKL, PixelSpace, StandInEncoder, load_encoder, load_vae,
+from encoder import (PretrainedViT, AutoencoderKL, PixelSpace, StandInEncoder, load_encoder, load_vae,
                      sample_posterior)
 
 TINY_VAE = dict(ch=8, ch_mult=(1, 2, 2, 2), num_res_blocks=1, groups=4)
@@ -248,7 +248,7 @@ def reference_preprocess(imgs, size):
 
 
 def test_dinov2_preprocessing_normalizes_then_resizes_bicubic_to_seven_eighths():
-    enc = DINOv2("dinov2-vit-s", 256, weights=None, depth=1)
+    enc = PretrainedViT("dinov2-vit-s", 256, weights=None, depth=1)
     imgs = images(2, 256)
     assert torch.equal(enc.preprocess(imgs), reference_preprocess(imgs, 224))
     assert torch.equal(enc.preprocess(imgs.float()), enc.preprocess(imgs))
@@ -256,7 +256,7 @@ def test_dinov2_preprocessing_normalizes_then_resizes_bicubic_to_seven_eighths()
 
 @pytest.mark.parametrize("resolution, tokens", [(256, 256), (512, 1024)])
 def test_dinov2_returns_cls_and_one_token_per_14_pixel_patch(resolution, tokens):
-    enc = DINOv2("dinov2-vit-s", resolution, weights=None, depth=1)
+    enc = PretrainedViT("dinov2-vit-s", resolution, weights=None, depth=1)
     cls, patches = enc(images(2, resolution))
     assert enc.z_dim == 384
     assert cls.shape == (2, 384) and patches.shape == (2, tokens, 384)
@@ -264,7 +264,7 @@ def test_dinov2_returns_cls_and_one_token_per_14_pixel_patch(resolution, tokens)
 
 
 def test_dinov2_with_registers_drops_the_four_register_tokens():
-    enc = DINOv2("dinov2-vit-s-reg", 256, weights=None, depth=1)
+    enc = PretrainedViT("dinov2-vit-s-reg", 256, weights=None, depth=1)
     imgs = images(2, 256)
     cls, patches = enc(imgs)
     with torch.no_grad():
@@ -279,7 +279,7 @@ def test_dinov2_loads_a_torch_hub_checkpoint_and_resamples_pos_embed_as_repa(tmp
     hub = timm.create_model("vit_small_patch14_dinov2", depth=1, num_classes=0).state_dict()
     hub["mask_token"] = torch.zeros(1, 384)
     torch.save(hub, tmp_path / "dinov2_vits14_pretrain.pth")
-    enc = DINOv2("dinov2-vit-s", 256, weights=str(tmp_path / "dinov2_vits14_pretrain.pth"), depth=1)
+    enc = PretrainedViT("dinov2-vit-s", 256, weights=str(tmp_path / "dinov2_vits14_pretrain.pth"), depth=1)
     # REPA: encoder.pos_embed.data = resample_abs_pos_embed(encoder.pos_embed.data, [16, 16])
     assert torch.equal(enc.vit.pos_embed, resample_abs_pos_embed(hub["pos_embed"], [16, 16]))
     assert torch.equal(enc.vit.blocks[0].attn.qkv.weight, hub["blocks.0.attn.qkv.weight"])
@@ -293,7 +293,7 @@ def test_dinov2_loads_a_torch_hub_checkpoint_with_registers(tmp_path):
     hub["mask_token"] = torch.zeros(1, 384)
     hub["register_tokens"] = torch.randn(1, 4, 384)
     torch.save(hub, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
-    enc = DINOv2("dinov2-vit-s-reg", 256, weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"),
+    enc = PretrainedViT("dinov2-vit-s-reg", 256, weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"),
                  depth=1)
     repa_pos_embed = resample_abs_pos_embed(hub["pos_embed"], [16, 16])  # (1, 1+256, 384)
     assert torch.equal(enc.vit.pos_embed, repa_pos_embed[:, 1:])
@@ -303,14 +303,14 @@ def test_dinov2_loads_a_torch_hub_checkpoint_with_registers(tmp_path):
 
 def test_dinov2_pretrained_offline_raises_an_error_that_says_how_to_get_weights(offline_empty_hub):
     with pytest.raises(UserError, match="hf download timm/vit_small_patch14_dinov2.lvd142m"):
-        DINOv2("dinov2-vit-s", 256)
+        PretrainedViT("dinov2-vit-s", 256)
 
 
 def test_dinov2_is_frozen_and_rejects_unknown_names():
-    enc = DINOv2("dinov2-vit-s", 256, weights=None, depth=1)
+    enc = PretrainedViT("dinov2-vit-s", 256, weights=None, depth=1)
     assert not enc.training and not any(p.requires_grad for p in enc.parameters())
     with pytest.raises(UserError, match="dinov2-vit-b"):
-        DINOv2("dinov2-vit-x", 256, weights=None)
+        PretrainedViT("dinov2-vit-x", 256, weights=None)
 
 
 def test_stand_in_encoder_is_the_same_network_for_the_same_seed():
@@ -339,7 +339,7 @@ def test_stand_in_encoder_reads_images_at_their_size():
 
 
 def test_load_encoder_builds_dinov2_for_official_names_and_refuses_weights_for_the_stand_in():
-    assert isinstance(load_encoder("dinov2-vit-s", 256, weights=None, depth=1), DINOv2)
+    assert isinstance(load_encoder("dinov2-vit-s", 256, weights=None, depth=1), PretrainedViT)
     with pytest.raises(UserError, match="stand-in"):
         load_encoder("stand-in", 64, weights="/some/file.pth")
 
@@ -352,7 +352,7 @@ def test_load_vae_rejects_an_unknown_name():
 def test_load_encoder_rejects_an_unknown_name():
     with pytest.raises(UserError, match="dinov2-vit-b"):
         load_encoder("dinov3", 256, weights=None)
-    with pytest.raises(UserError, match=r"Unknown DINOv2 encoder 'dinov3'; choose one of \[.*'dinov2-vit-s-reg'"):
+    with pytest.raises(UserError, match=r"Unknown encoder 'dinov3'; choose one of \[.*'dinov2-vit-s-reg'.*, stand-in or builtin-vit"):
         load_encoder("dinov3", 256, weights=None)
 
 

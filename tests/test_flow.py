@@ -258,6 +258,37 @@ def test_projector_tokens_not_matching_encoder_tokens_raise():
         training_loss(LossStub(None), b["x"], b["y"], b["cls"], b["patches"])
 
 
+@pytest.mark.parametrize("with_cls", [True, False])
+def test_several_encoders_average_their_alignment_losses_and_reg_entangles_the_first_token(with_cls):
+    b, other = loss_batch(), loss_batch(z=5, seed=1)  # a second encoder of another width
+    stub = LossStub((b["zs"], other["zs"]) if with_cls else (b["zs"][:, 1:], other["zs"][:, 1:]))
+    cls = [b["cls"], other["cls"]] if with_cls else None
+    got = training_loss(stub, b["x"], b["y"], cls, [b["patches"], other["patches"]], t=b["t"], noise=b["noise"],
+                        cls_noise=b["cls_noise"])
+    # By hand: each encoder's tokens [its own cls, its patches] against its projector, then the mean.
+    proj = []
+    for i in range(4):
+        per_encoder = []
+        for e in (b, other):
+            targets = torch.cat([e["cls"][i][None], e["patches"][i]]) if with_cls else e["patches"][i]
+            outputs = e["zs"][i] if with_cls else e["zs"][i, 1:]
+            per_encoder.append(-np.mean([float(o @ z / (o.norm() * z.norm())) for o, z in zip(outputs, targets)]))
+        proj.append(np.mean(per_encoder))
+    np.testing.assert_allclose(got["proj"].numpy(), proj, rtol=1e-6, atol=1e-6)
+    if with_cls:  # the class token the model sees and predicts is the first encoder's
+        want = hand_loss(b, "linear")
+        np.testing.assert_allclose(got["cls"].numpy(), want["cls"], rtol=1e-6, atol=1e-6)
+        assert stub.seen["cls_t"].shape == b["cls"].shape
+    else:
+        assert got["cls"] is None and stub.seen["cls_t"] is None
+
+
+def test_one_projector_per_encoder_or_an_error():
+    b, other = loss_batch(), loss_batch(z=5, seed=1)
+    with pytest.raises(ValueError, match="1 projector outputs for 2 encoders"):
+        training_loss(LossStub(b["zs"]), b["x"], b["y"], [b["cls"], other["cls"]], [b["patches"], other["patches"]])
+
+
 @pytest.mark.parametrize("schedule, below_tenth", [("uniform", 0.1), ("lognormal", normal_cdf(math.log(1 / 9)))])
 def test_loss_draws_times_from_the_schedule(schedule, below_tenth):
     stub, x = LossStub(None), torch.zeros(20_000, 1, 1, 1)

@@ -103,6 +103,16 @@ def test_memorization_tau_mem_is_the_linear_crossing_and_the_fit_recovers_a_cloc
     assert [row["runs_memorizing"] for row in table] == ["2/2"] * 3
 
 
+def test_memorization_tau_gen_is_the_step_of_the_best_quality():
+    """Guards the memorization lab's tau_gen: the step of the lowest FID of each run (the best),
+    averaged over seeds, not of the highest."""
+    lab = load_lab("memorization")
+    runs = {(8, seed): [{"step": s, "mem_frac": 0.0, "fid": fid} for s, fid in zip((10, 20, 30), fids)]
+            for seed, fids in ((0, (5.0, 1.0, 9.0)), (1, (9.0, 5.0, 1.0)))}
+    table, _, key = lab.summarise(None, runs)
+    assert key == "fid" and table[0]["tau_gen"] == pytest.approx(25.0)  # steps 20 and 30
+
+
 def test_the_unconditional_repa_arm_differs_from_the_others_only_in_its_own_flags():
     import train
     lab = load_lab("reg_vs_repa")

@@ -421,6 +421,20 @@ def test_projector_reads_all_tokens_after_block_encoder_depth():
     torch.testing.assert_close(zs, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_several_encoders_get_one_projector_each_on_the_same_block_and_the_first_one_s_class_token():
+    model = perturb(tiny(depth=4, encoder_depth=2, class_dropout_prob=0.0, z_dim=[Z, 12])).train()
+    assert [k for k in model.state_dict() if k.startswith("projectors.") and k.endswith(".4.weight")] == \
+        ["projectors.0.4.weight", "projectors.1.4.weight"]  # the official release's names
+    assert model.z_dim == Z and model.cls_projectors2.in_features == Z and model.final_layer.linear_cls.out_features == Z
+    seen = {}
+    capture(model.blocks[1], seen, "h")
+    _, _, zs = model(*inputs())
+    assert isinstance(zs, tuple) and [z.shape for z in zs] == [(3, 1 + 16, Z), (3, 1 + 16, 12)]
+    for z, layers in zip(zs, model.projectors):
+        expected = linear(silu(linear(silu(linear(seen["h"], layers[0])), layers[2])), layers[4])
+        torch.testing.assert_close(z, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_projector_runs_in_training_mode_or_when_asked():
     model = tiny()
     args = inputs()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import flow
 import sample
 import train
 import util
@@ -140,8 +141,8 @@ class SamplerSpy:
 
     def __init__(self, monkeypatch, latents=None):
         self.calls, self.latents = [], latents or (lambda x, y: x)
-        monkeypatch.setattr(sample, "sample_sde", lambda *a, **k: self.record("sde", *a, **k))
-        monkeypatch.setattr(sample, "sample_ode", lambda *a, **k: self.record("ode", *a, **k))
+        monkeypatch.setattr(flow, "sample_sde", lambda *a, **k: self.record("sde", *a, **k))
+        monkeypatch.setattr(flow, "sample_ode", lambda *a, **k: self.record("ode", *a, **k))
 
     def record(self, sampler, model, x, y, cls=None, **kwargs):
         self.calls.append(dict(sampler=sampler, model=model, x=x, y=y, cls=cls, **kwargs))

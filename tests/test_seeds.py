@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 import flow
+import monitor
 import sample
-import train
 from util import Processes
 
 RANK_1_OF_2 = Processes(rank=1, local_rank=1, world_size=2, device=torch.device("cpu"))
@@ -45,16 +45,16 @@ def test_each_evaluation_batch_draws_its_sde_noise_from_its_own_generator(monkey
     def sample_sde(model, x, y, cls=None, *, generator=None, **kwargs):
         seen.append((y.tolist(), generator.initial_seed()))
         return x, cls
-    monkeypatch.setattr(train, "sample_sde", sample_sde)
-    monkeypatch.setattr(train.evaluate, "features", lambda net, images, progress=True: {"pool": images[:, 0, 0]})
-    evaluation = train.Evaluation.__new__(train.Evaluation)  # without the Inception and reference it loads
+    monkeypatch.setattr(flow, "sample_sde", sample_sde)
+    monkeypatch.setattr(monitor.evaluate, "features", lambda net, images, progress=True: {"pool": images[:, 0, 0]})
+    evaluation = monitor.Evaluation.__new__(monitor.Evaluation)  # without the Inception and reference it loads
     evaluation.net, evaluation.z_dim, evaluation.processes = None, 4, RANK_1_OF_2
     evaluation.args = argparse.Namespace(eval_samples=7, eval_batch_size=2, seed=9, eval_steps=2, precision="fp32",
                                          path_type="linear")
     evaluation.dataset = SimpleNamespace(resolution=4, downsample=1, latent_channels=3, num_classes=10,
                                          scaling_factor=1.0)
     evaluation.vae = SimpleNamespace(decode=lambda z: z.clamp(-1, 1))
-    evaluation.features(SimpleNamespace(cls_token=True, shifts=lambda y: (None, None)))  # no CAR-Flow shifts
+    evaluation.features(SimpleNamespace(cls_token=True, num_classes=10, shifts=lambda y: (None, None)))  # no CAR-Flow shifts
     assert seen == [([4, 5], flow.sde_generator(9, 2, "cpu").initial_seed()),
                     ([6], flow.sde_generator(9, 3, "cpu").initial_seed())]
 

@@ -1,7 +1,10 @@
 """Specification of toy.py and the built-in world around it: the hard dataset, the pretrained
 built-in ViT (DINOv2's interface, loaded through train.py's encoder path) and the toy evaluator."""
+import inspect
+import pickle
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -43,6 +46,26 @@ def test_hard_shapes_colour_does_not_tell_the_class():
 
     assert colour_accuracy(data.BuiltinShapes) > 0.9
     assert colour_accuracy(data.HardShapes) < 0.3
+
+
+def test_hard_shapes_give_each_class_many_colours():
+    """Guards HardShapes' point: the shape's own colour (each image's one flat colour, its most
+    frequent pixel; the background is noisy) does not tell the class, even up to brightness."""
+    def shape_colours(d):
+        pixels = d.images.reshape(len(d.images), 3, -1).transpose(0, 2, 1)  # (N, H*W, 3)
+        modes = []
+        for p in pixels:
+            values, counts = np.unique(p, axis=0, return_counts=True)
+            modes.append(values[counts.argmax()])
+        colour = np.array(modes, dtype=np.float64)  # (N, 3)
+        return colour / colour.max(axis=1, keepdims=True)  # chromaticity: brightness divided out
+
+    train_set, test_set = data.HardShapes(500, seed=0), data.HardShapes(500, seed=1)
+    fit, test = shape_colours(train_set), shape_colours(test_set)
+    means = np.stack([fit[train_set.labels == k].mean(0) for k in range(10)])  # (10, 3)
+    guess = np.linalg.norm(test[:, None] - means[None], axis=2).argmin(1)
+    assert (guess == test_set.labels).mean() < 0.3  # chance is 0.1
+    assert all(fit[train_set.labels == k].std(0).max() > 0.1 for k in range(10))
 
 
 def test_default_builtin_dataset_is_unchanged_by_the_variant_flag():
@@ -128,6 +151,65 @@ def test_builtin_vit_file_missing_is_one_line_saying_which_command_makes_it(tmp_
         encoder.load_encoder("builtin-vit", 32)
 
 
+def test_builtin_vit_load_gives_the_saved_network(tmp_path):
+    """Guards --enc-type builtin-vit: the loaded teacher computes what the saved one did, not what a
+    network drawn at random (here from another seed) would."""
+    config = dict(resolution=32, patch_size=8, z_dim=32, depth=1, num_heads=2)
+    torch.manual_seed(1)
+    saved = encoder.BuiltinViT(**config)
+    torch.manual_seed(2)
+    other = encoder.BuiltinViT(**config)
+    path = str(tmp_path / "vit.pt")
+    torch.save({"kind": "builtin-vit", "config": saved.config, "state_dict": saved.vit.state_dict()}, path)
+    torch.manual_seed(2)  # a load that kept its random initialisation would give `other`
+    loaded = encoder.BuiltinViT.load(path, 32)
+    images = torch.from_numpy(data.BuiltinShapes(4).images)
+    for got, want in zip(loaded(images), saved(images)):
+        assert torch.equal(got, want)
+    assert not torch.allclose(other(images)[0], saved(images)[0])
+
+
+@pytest.mark.parametrize("content", ["corrupt", "code"])
+def test_a_corrupt_or_code_carrying_encoder_file_is_one_line_and_runs_nothing(tmp_path, content):
+    """Guards --enc-path: read like checkpoints (weights only), a bad file is a UserError and nothing
+    else (no warning lines), and a pickle's payload never runs."""
+    path, marker = tmp_path / "vit.pt", tmp_path / "ran"
+    if content == "corrupt":
+        path.write_bytes(b"half an encoder file")
+    else:
+        path.write_bytes(pickle.dumps({"kind": "builtin-vit", "x": Payload(str(marker))}))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(UserError, match="is not a builtin-vit encoder"):
+        warnings.simplefilter("always")
+        encoder.load_encoder("builtin-vit", 32, weights=str(path))  # what train.py's build_encoder calls
+    assert not caught and not marker.exists()  # util.run prints the UserError alone: one line, exit 2
+
+
+class Payload:
+    """A pickle that would create a file if unpickled with code allowed."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_builtin_vit_without_enc_path_names_the_file_to_make():
+    """Guards the message of --enc-type builtin-vit without --enc-path: a real command, no 'None'."""
+    with pytest.raises(UserError, match="none given; make one with: python toy.py encoder") as error:
+        encoder.load_encoder("builtin-vit", 32, weights=None)
+    assert "None" not in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["encoder", "evaluator"])
+def test_toy_output_that_cannot_be_written_is_one_line_before_training(tmp_path, command, monkeypatch):
+    """Guards toy.py --out: a path in no writable folder fails in one line before any training."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(toy, "images", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(UserError, match="cannot write .*file/x.pt .*is a file"):
+        toy.main([command, "--out", str(tmp_path / "file" / "x.pt")])
+
+
 # ----------------------------------------------------------------------------- the toy evaluator
 
 @pytest.fixture(scope="module")
@@ -135,6 +217,26 @@ def evaluator(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "evaluator.pt"
     toy.train_evaluator(str(path), variant="shapes", num_images=1000, epochs=4, width=16, sanity_images=300)
     return toy.load_evaluator(str(path))
+
+
+def test_evaluator_trains_on_its_own_held_out_seed(tmp_path, monkeypatch):
+    """Guards the toy FID: the evaluator's training images come from its own seed, neither the
+    SiT's training seed (train.py's data.BuiltinShapes()) nor the reference images' seed."""
+    seeds = []
+
+    class Enough(Exception):
+        pass
+
+    class Recorder(data.BuiltinShapes):
+        def __init__(self, num_images=5000, resolution=32, seed=0):
+            seeds.append(seed)
+            raise Enough  # the seed is all this test needs; no training
+
+    monkeypatch.setitem(toy.BUILTIN_DATASETS, "shapes", Recorder)
+    with pytest.raises(Enough):
+        toy.train_evaluator(str(tmp_path / "evaluator.pt"), variant="shapes")
+    sit_seed = inspect.signature(data.BuiltinShapes).parameters["seed"].default  # train.py's BuiltinShapes()
+    assert seeds == [toy.SEEDS["evaluator"]] and seeds[0] not in (sit_seed, toy.SEEDS["train"], toy.SEEDS["reference"])
 
 
 def test_evaluator_scores_real_images_better_than_noise_and_a_repeated_image(evaluator):

@@ -227,7 +227,7 @@ import os, sys
 import torch
 sys.path.insert(0, {repo!r})
 sys.path.insert(0, {tests!r})
-import data, evaluate, flow, train
+import data, evaluate, flow, monitor, train
 from test_train_eval import pixel_features
 
 rank = int(os.environ["RANK"])
@@ -248,12 +248,12 @@ def sample_time(*args, real=flow.sample_time, **kwargs):
     return times[-1]
 
 
-def evaluation_run(self, step, ema, log, real=train.Evaluation.run):
+def evaluation_run(self, step, ema, log, real=monitor.Evaluation.run):
     step_of_evaluation.append(step)
     return real(self, step, ema, log)
 
 
-def images(self, ema, k, real=train.Evaluation.images):
+def images(self, ema, k, real=monitor.Evaluation.images):
     if rank == 1 and step_of_evaluation[-1] == 2:
         raise RuntimeError("simulated failure on rank 1")
     return real(self, ema, k)
@@ -266,7 +266,7 @@ def metrics(ref, feats, real=evaluate.metrics):
 
 train.BuiltinShapes = RecordingShapes
 flow.sample_time = sample_time
-train.Evaluation.run, train.Evaluation.images = evaluation_run, images
+monitor.Evaluation.run, monitor.Evaluation.images = evaluation_run, images
 evaluate.load_inception = lambda path, device="cpu": torch.nn.Linear(1, 1)
 evaluate.features, evaluate.metrics = pixel_features, metrics
 model, ema = train.main(train.get_args(sys.argv[2:]))
@@ -318,7 +318,7 @@ def test_user_mistakes_exit_2_with_one_line_and_no_traceback(tmp_path):
         "partly prepared --data-path": ([*out, "--data-path", str(tmp_path / "partly")], "only partly prepared"),
         "another format version": ([*out, *prepared_with("v0", format_version=0)], "has format version 0"),
         "unknown VAE": ([*out, *prepared_with("vae", vae="sd-vae-ft-xl")], "Unknown VAE 'sd-vae-ft-xl'"),
-        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown DINOv2 encoder 'dinov2-vit-z'"),
+        "unknown encoder": ([*out, "--enc-type", "dinov2-vit-z"], "Unknown encoder 'dinov2-vit-z'"),
         "a batch that does not split": ([*out, "--global-batch-size", "6", "--gradient-accumulation-steps", "4"],
                                         "does not split evenly"),
         "corrupt checkpoint": (latest_checkpoint_is("corrupt", lambda p: p.write_bytes(b"half a checkpoint")),
@@ -463,12 +463,3 @@ def test_resuming_with_another_world_size_warns_and_runs(two_ranks, tmp_path):
     ckpt = read_checkpoint(str(tmp_path / "copy" / "runs" / RUN / "checkpoints" / "0000003.pt"))
     assert ckpt["steps"] == 3 and ckpt["world_size"] == 1
     assert [r["step"] for r in metrics(tmp_path / "copy" / "runs" / RUN) if "loss" in r] == [1, 2, 3]
-
-
-def test_smoothed_curves_are_debiased_and_lag_little():
-    # A constant stays itself from the first point (no pull towards 0); a short run stays raw; on a
-    # long linear trend the smoothed line lags by about 2 % of the run, not by half of it.
-    assert train.smooth([3.0] * 500) == pytest.approx([3.0] * 500)
-    assert train.smooth([1.0, 5.0, 2.0]) == [1.0, 5.0, 2.0]
-    trend = [1 - i / 4000 for i in range(4000)]
-    assert abs(train.smooth(trend)[-1] - trend[-1]) < 0.025

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
+import flow
+import monitor
 import train
 from encoder import PixelSpace
 from model import SiT_models
@@ -59,12 +61,12 @@ def rows_of(run_dir):
 
 
 def test_evaluations_log_fid_sfid_is_precision_recall_and_draw_fid_png(tmp_path, eval_files, monkeypatch):
-    seen, real_sde = [], train.sample_sde
+    seen, real_sde = [], flow.sample_sde
 
     def spy(model, x, y, cls=None, **kwargs):
         seen.append(dict(model=model, x=x.clone(), y=y.clone(), **kwargs))
         return real_sde(model, x, y, cls, **kwargs)
-    monkeypatch.setattr(train, "sample_sde", spy)
+    monkeypatch.setattr(flow, "sample_sde", spy)
     model, ema = train_run(tmp_path, "--max-train-steps", 2, "--eval-every", 1, *eval_files["flags"],
                            "--eval-samples", 6, "--eval-steps", 3, "--eval-batch-size", 4)
     assert eval_files["loaded"] == [eval_files["inception"]]  # the Inception is loaded once, at start-up
@@ -103,7 +105,7 @@ def test_a_failed_evaluation_warns_and_training_goes_on(tmp_path, eval_files, mo
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated)")
     if where == "sampling":
-        monkeypatch.setattr(train.Evaluation, "images", broken)
+        monkeypatch.setattr(monitor.Evaluation, "images", broken)
     else:
         monkeypatch.setattr(evaluate, "metrics", broken)
     with pytest.warns(UserWarning) as caught:
@@ -141,11 +143,11 @@ def test_the_samples_do_not_depend_on_the_number_of_processes(tmp_path, eval_fil
         ema.final_layer.linear.weight.normal_()  # zero at init: the samples would not depend on the model
     shares = {}
     for world in (1, 2, 4):
-        feats = [train.Evaluation(args, dataset, 16, PixelSpace(), Processes(rank, rank, world, torch.device("cpu")),
+        feats = [monitor.Evaluation(args, dataset, 16, PixelSpace(), Processes(rank, rank, world, torch.device("cpu")),
                                   str(tmp_path)).features(ema) for rank in range(world)]
         shares[world] = np.concatenate([f["pool"] for f in feats])
     # The images behind the features: those of the single process.
-    images = np.concatenate([train.Evaluation(args, dataset, 16, PixelSpace(), Processes(0, 0, 1, torch.device("cpu")),
+    images = np.concatenate([monitor.Evaluation(args, dataset, 16, PixelSpace(), Processes(0, 0, 1, torch.device("cpu")),
                                               str(tmp_path)).images(ema, k) for k in range(3)])
     assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8 and images.std() > 0
     assert np.array_equal(pixel_features(None, images)["pool"], shares[1])

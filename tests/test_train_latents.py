@@ -11,6 +11,7 @@ import torch
 
 import data
 import evaluate
+import flow
 import train
 from encoder import AutoencoderKL
 from test_train_eval import pixel_features
@@ -58,7 +59,7 @@ def latent_run(prepared, tmp_path_factory):
     np.savez_compressed(ref, arr_0=np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8))
     (out / "inception.pth").write_bytes(b"weights")
     rec = dict(posterior=[], loss=[], sde=[], decode=[], trajectory=[])
-    real_loss, real_sde, real_step = train.training_loss, train.sample_sde, train.train_step
+    real_loss, real_sde, real_step = train.training_loss, flow.sample_sde, train.train_step
 
     def posterior(mean, std, generator=None):
         eps = torch.randn(mean.shape)
@@ -88,9 +89,9 @@ def latent_run(prepared, tmp_path_factory):
         return net
 
     with pytest.MonkeyPatch.context() as m:
-        for name, spy in dict(sample_posterior=posterior, training_loss=loss, sample_sde=sde, train_step=step,
-                              load_vae=vae).items():
+        for name, spy in dict(sample_posterior=posterior, training_loss=loss, train_step=step, load_vae=vae).items():
             m.setattr(train, name, spy)
+        m.setattr(flow, "sample_sde", sde)  # under flow.sample_sit, which every monitor samples with
         m.setattr(evaluate, "load_inception", lambda path, device="cpu": torch.nn.Linear(1, 1))
         m.setattr(evaluate, "features", pixel_features)
         model, ema = train.main(train.get_args(flags(
