@@ -182,7 +182,7 @@ def load_ema(path, device):
     """The EMA SiT of a train.py checkpoint, and its config."""
     ckpt = read_checkpoint(path)
     config = dict(ckpt["config"])
-    model = SiT_models[config.pop("model")](**{k: v for k, v in config.items() if k not in ("vae", "scaling_factor")})
+    model = SiT_models[config.pop("model")](**{k: v for k, v in config.items() if k not in ("vae", "scaling_factor", "enc_type")})
     model.load_state_dict(load_weights(ckpt))
     return model.to(device).eval().requires_grad_(False), ckpt["config"]
 
@@ -255,7 +255,8 @@ def steering(model, unconditional, evaluator, device, steps, n=200, shown=8, rea
     with a token re-drawn as noise at each step. -> (images of `shown` samples per way, numbers):
     the share of images whose class (by the evaluator) follows the token's donor or stays its own,
     and, with a toy.AttributeReader, per attribute the share of images given the donor's token whose
-    attribute lies nearer the donor's own image's than their own image's (0.5: either way alike)."""
+    attribute lies nearer the donor's own image's than their own image's (0: the token moves
+    nothing, the start noise decides; 1: the attribute follows the token)."""
     size = model.grid_size * model.patch_size
     indices = list(range(n))
     x, cls, y = start_noise(indices, 20_000, (model.in_channels, size, size), model.z_dim, model.num_classes)
