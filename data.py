@@ -480,6 +480,9 @@ class ClassReferences:
         return moments.reshape(*indices.shape, *moments.shape[1:])
 
 
+ATTRIBUTES = ("colour", "position", "size", "rotation", "background")  # HardShapes.attributes, besides the class
+
+
 class HardShapes(BuiltinShapes):
     """The same ten shape masks as BuiltinShapes, made hard enough that a model can be imperfect.
 
@@ -489,6 +492,8 @@ class HardShapes(BuiltinShapes):
     of random orientation, frequency and colours, plus pixel noise). Classes are balanced
     (label = index mod 10) and every image is a function of (seed, index count) only.
     For the lab labs/reg_vs_repa.py (`python train.py --builtin hard`); same item contract.
+    `attributes` holds each image's global attributes besides its class (ATTRIBUTES), which
+    toy.py's "rich" teacher learns and its probes read.
     """
 
     class_names = [name.split(" ", 1)[1] for name, _, _ in SHAPES]  # "disc", ...: colour is no clue
@@ -517,6 +522,10 @@ class HardShapes(BuiltinShapes):
         background = dark + (light - dark) * grating[:, None]  # (n, 3, H, W)
         background = background + 0.03 * rng.standard_normal((n, 3, resolution, resolution))
         self.images = self._paint(mask, colour, background)
+        # Read off the draws above (no draw added: the images stay those of the same seed).
+        self.attributes = {"colour": colour, "position": np.concatenate([cx, cy], 1).reshape(n, 2),
+                           "size": s.reshape(n, 1), "rotation": angle.reshape(n, 1),
+                           "background": ((dark + light) / 2).reshape(n, 3)}  # name -> float (n, k)
 
 
 class Digits(BuiltinShapes):

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 
 PATHS = ("linear", "cosine")
 TARGETS = ("stochastic", "closed-form")
+# Which token fills REG's slot: the four rows of REG's Table 5 (arXiv 2507.01467 v2, Sec. 4.3).
+CLS_TARGETS = ("cls", "patch-mean", "learned", "latent-mean")
 # What training_loss returns, in the order train.py logs it (proj and cls None when not trained).
 LOSS_TERMS = ("loss", "denoise", "proj", "cls")
 
@@ -61,6 +63,33 @@ def sample_time(n, schedule="uniform", path="linear", device=None, generator=Non
         s = torch.randn(n, device=device, generator=generator).exp()
         return s / (1 + s) if path == "linear" else 2 / math.pi * torch.atan(s)
     raise ValueError(f"unknown time schedule {schedule!r}; choose 'uniform' or 'lognormal'")
+
+
+def token_target(cls_target, cls, patches):
+    """The clean token that REG's slot is trained to generate, from the encoder's class token cls
+    (N, z_dim) and patch tokens patches (N, T, z_dim); None where the slot has no target.
+
+      "cls"          the encoder's class token: REG as released (Sec. 3). Noised on the image's path,
+                     its velocity predicted (weight cls_coeff), aligned by REPA's loss as token 0;
+                     the sampler starts it from N(0, I) and generates it with the image.
+      "patch-mean"   the mean of the encoder's patch tokens (Table 5, "avg. of DINOv2 patch
+                     features"); everything else as "cls": noised, predicted, aligned, sampled from noise.
+      "learned"      no target. The slot holds one learnable vector (model.SiT slot="learned"), the same
+                     for every image and time, not noised and not predicted; the sampler needs no start.
+      "latent-mean"  no target. The slot holds the mean of the noisy latent's patch embeddings
+                     (model.SiT slot="latent-mean"), recomputed from x_t at every call.
+    For the last two the paper names the token (Table 5: "learnable token", "avg. of noisy latent
+    features") but not its loss; our reading: no loss of its own, and REPA's alignment on the patch
+    tokens only, since the encoder has no token to align the slot with (Appendix A reports the learnable
+    token's output at cosine 0.007 with DINOv2's class token, i.e. not pulled towards it).
+    """
+    if cls_target not in CLS_TARGETS:
+        raise ValueError(f"unknown class-token target {cls_target!r}; choose one of {CLS_TARGETS}")
+    if cls_target == "cls":
+        return cls
+    if cls_target == "patch-mean":  # (N, z_dim); one per encoder when several are aligned
+        return [p.mean(dim=1) for p in patches] if isinstance(patches, (list, tuple)) else patches.mean(dim=1)
+    return None
 
 
 def _bcast(t, x):

@@ -172,6 +172,7 @@ def sincos_pos_embed_2d(dim, grid_size):
 
 
 CAR_VARIANTS = ("none", "source", "target", "joint")  # which maps CAR-Flow learns (arXiv 2509.19300)
+SLOTS = ("input", "learned", "latent-mean")  # what fills REG's token slot (REG arXiv 2507.01467, Table 5)
 
 
 class ShiftNet(nn.Module):
@@ -224,6 +225,9 @@ class SiT(nn.Module):
     projector: REPA's projector on the output of block `encoder_depth` (1-indexed).
     z_dim: width of the encoder tokens (768 for DINOv2-B), used by both REG heads; or a list, one
     width per encoder aligned at once: a projector each, and the class token has the first's width.
+    slot: what sits in the token slot when cls_token is set (SLOTS; the module docstring). Only
+    "input" takes a token and predicts its velocity; the other two make cls_token False from the
+    outside (no cls argument, v_cls None) and keep the slot inside.
     car: CAR-Flow's learned class shifts (arXiv 2509.19300), not part of the velocity network:
     "source" a map mu0(y) of the noise, "target" a map mu1(y) of the data, "joint" both, "none"
     neither (the parameters and names of the official release). flow.py applies them.
@@ -232,7 +236,7 @@ class SiT(nn.Module):
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
                  num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
                  encoder_depth=8, z_dim=768, projector_dim=2048, cls_token=True, projector=True,
-                 car="none"):
+                 car="none", slot="input"):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -242,13 +246,16 @@ class SiT(nn.Module):
             raise ValueError(f"encoder_depth must be in [1, {depth}], got {encoder_depth}")
         if car not in CAR_VARIANTS:
             raise ValueError(f"unknown CAR-Flow variant {car!r}; choose one of {CAR_VARIANTS}")
+        if slot not in SLOTS:
+            raise ValueError(f"unknown token slot {slot!r}; choose one of {SLOTS}")
         self.in_channels = in_channels
         z_dims = list(z_dim) if isinstance(z_dim, (list, tuple)) else [z_dim]
         self.z_dim = z_dims[0]  # width of the encoder tokens: the class token's and the (first) projector's
         self.patch_size = patch_size
         self.num_classes = num_classes
         self.encoder_depth = encoder_depth
-        self.cls_token = cls_token
+        self.slot = slot if cls_token else None  # what fills index 0 (None: no slot)
+        self.cls_token = cls_token and slot == "input"  # takes a noisy token and predicts its velocity
         self.grid_size = input_size // patch_size
         num_extra = 1 if cls_token else 0
 
@@ -256,7 +263,7 @@ class SiT(nn.Module):
         self.x_embedder.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        if cls_token:
+        if self.cls_token:
             self.cls_projectors2 = nn.Linear(self.z_dim, hidden_size)
             self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)  # with affine weights, unlike the blocks
         # Not trained; a buffer (saved under the official key) rather than a frozen Parameter, so
@@ -268,8 +275,11 @@ class SiT(nn.Module):
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         if projector:
             self.projectors = nn.ModuleList([build_projector(hidden_size, projector_dim, d) for d in z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, self.z_dim if cls_token else None)
+        self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, self.z_dim if self.cls_token else None)
         self.initialize_weights()
+        if self.slot == "learned":  # after the SiT's weights: their initial values stay those of slot="input"
+            with torch.random.fork_rng(devices=[]):
+                self.learned_token = nn.Parameter(0.02 * torch.randn(1, 1, hidden_size))  # (1, 1, D)
         # CAR-Flow's maps come last and draw their initial weights from a forked RNG, so the SiT's
         # weights and every later random draw are those of car="none" with the same seed.
         self.car = car
@@ -326,8 +336,13 @@ class SiT(nn.Module):
             return_zs = self.training
         h = rearrange(self.x_embedder.proj(x), "n d h w -> n (h w) d")  # (N, T, D)
         if self.cls_token:
-            token = self.wg_norm(self.cls_projectors2(cls))  # (N, D)
-            h = torch.cat([token.unsqueeze(1), h], dim=1)  # (N, 1+T, D)
+            token = self.wg_norm(self.cls_projectors2(cls)).unsqueeze(1)  # (N, 1, D)
+        elif self.slot == "learned":
+            token = self.learned_token.expand(len(h), -1, -1)  # (N, 1, D)
+        elif self.slot == "latent-mean":
+            token = h.mean(dim=1, keepdim=True)  # (N, 1, D): the mean of x_t's patch embeddings
+        if self.slot is not None:
+            h = torch.cat([token, h], dim=1)  # (N, 1+T, D)
         h = h + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
 
@@ -338,6 +353,11 @@ class SiT(nn.Module):
                 # Each (N, 1+T, z_dim_k): all tokens, the class slot included; one projector per encoder.
                 zs = tuple(projector(h) for projector in self.projectors)
                 zs = zs[0] if len(zs) == 1 else zs
+        if self.slot is not None and not self.cls_token:
+            # A slot without a teacher token: nothing to align it with, nothing to predict for it.
+            if zs is not None:  # (N, T, z_dim_k) each
+                zs = tuple(z[:, 1:] for z in zs) if isinstance(zs, tuple) else zs[:, 1:]
+            h = h[:, 1:]  # (N, T, D)
         patches, v_cls = self.final_layer(h, c)
         return ModelOutput(self.unpatchify(patches), v_cls, zs)
 

@@ -4,12 +4,16 @@ that scores samples. Both are trained here, on the built-in images (data.py), in
   encoder    a small ViT of the DINOv2 design (encoder.BuiltinViT: class token, patch tokens,
              final norm), pretrained on the SiT's training images; train.py loads it with
              --enc-type builtin-vit --enc-path FILE, through the same code path as DINOv2.
+             Two teachers (TEACHERS): "label", whose class token is trained on the class alone,
+             and "rich", whose class token is also trained on every global attribute of the image
+             (data.ATTRIBUTES: colour, position, size, rotation, background).
   evaluator  a small CNN classifier trained on held-out images (never the SiT's, never the
              teacher): its pooled features play Inception's pool_3 for FID, precision and
              recall (evaluate.py's own frechet_distance and precision_recall), and its logits
              give the conditional accuracy (share of samples classified as the class asked for).
 
     python toy.py encoder --out runs/toy/encoder-p8.pt     # prints its linear-probe accuracy
+    python toy.py encoder --teacher rich --out runs/toy/encoder-rich-p8.pt   # and per-attribute probes
     python toy.py evaluator --out runs/toy/evaluator.pt    # prints its accuracy and sanity FIDs
     python toy.py vae --out runs/toy/vae-aligned           # the toy ReaLS VAE (--align-coeff 0: plain)
 
@@ -32,18 +36,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate
-from data import BUILTIN_DATASETS
+from data import ATTRIBUTES, BUILTIN_DATASETS
 from encoder import AutoencoderKL, BuiltinViT, save_vae_folder
 from util import ArgumentParser, UserError, number, run
 
 # Dataset seed of each role. "train" is the seed train.py's built-in run uses (data.BuiltinShapes()).
 SEEDS = {"train": 0, "evaluator": 1, "reference": 2}
+TEACHERS = ("label", "rich")  # what the teacher's class token is trained on (train_encoder)
 
 
 def images(variant="hard", role="reference", num_images=5000, resolution=32):
     """The built-in images of one role -> (uint8 (N, 3, R, R), int64 labels (N,)); balanced classes."""
     dataset = BUILTIN_DATASETS[variant](num_images, resolution, seed=SEEDS[role])
     return torch.from_numpy(dataset.images), torch.from_numpy(dataset.labels).long()
+
+
+def attributes(variant="hard", role="reference", num_images=5000, resolution=32):
+    """The global attributes of the same images as images(): name -> float32 (N, k) (data.ATTRIBUTES);
+    empty for a dataset that draws none (the easy shapes)."""
+    dataset = BUILTIN_DATASETS[variant](num_images, resolution, seed=SEEDS[role])
+    return {k: torch.from_numpy(v).float() for k, v in getattr(dataset, "attributes", {}).items()}
 
 
 def _batches(n, batch_size, generator):
@@ -85,38 +97,55 @@ def _fit(parameters, loss_of, n, epochs, batch_size, lr, seed):
 # ----------------------------------------------------------------------------- the teacher
 
 def train_encoder(out_path, variant="hard", num_images=5000, resolution=32, epochs=5, batch_size=64,
-                  lr=2e-3, seed=0, probe_images=2000, device="cpu", **config):
+                  lr=2e-3, seed=0, probe_images=2000, device="cpu", teacher="label", **config):
     """Pretrain encoder.BuiltinViT on the training images, save it to out_path, return the path.
 
-    Objective: supervised classification of the class token (cross-entropy through a linear head
-    that is thrown away). Why not DINO/iBOT self-distillation, DINOv2's own objective (arXiv
-    2304.07193)? What REG uses of DINOv2 is a class token whose content is the image's semantics
+    Objective of teacher "label": supervised classification of the class token (cross-entropy
+    through a linear head that is thrown away). Why not DINO/iBOT self-distillation, DINOv2's own
+    objective (arXiv 2304.07193)? What REG uses of DINOv2 is a class token whose content is the image's semantics
     (REG 2507.01467, Sec. 3: "global semantic information"), and patch tokens that carry local
     structure for REPA's alignment. Self-distillation reaches that only after many epochs of
     multi-crop training, far beyond 2 minutes on a CPU; labels give it in a few epochs. The cost:
-    this teacher's class token is closer to the label than DINOv2's is, which favours the
-    conditional comparison less than the unconditional one (the README's lab section says so).
+    this teacher's class token is close to the label, which a class-conditional SiT already has.
+    Teacher "rich" adds a regression of every global attribute of the image (data.ATTRIBUTES,
+    each standardised; squared error through a linear head on the same class token, summed with
+    the cross-entropy): its class token knows the image's colour, position, size, rotation and
+    background besides its class, as DINOv2's carries more of an image than its ImageNet label.
     """
+    if teacher not in TEACHERS:
+        raise ValueError(f"unknown teacher {teacher!r}; choose one of {TEACHERS}")
     check_writable(out_path)
     x, y = images(variant, "train", num_images, resolution)
+    targets = None
+    if teacher == "rich":
+        if not attributes(variant, "train", 10, resolution):
+            raise ValueError(f"the rich teacher needs a dataset with attributes (hard), not {variant!r}")
+        values = torch.cat([attributes(variant, "train", num_images, resolution)[k] for k in ATTRIBUTES], 1)  # (N, A)
+        targets = ((values - values.mean(0)) / values.std(0)).to(device)
     torch.manual_seed(seed)
     net = BuiltinViT(resolution, **config).to(device)
     net.vit.requires_grad_(True).train()
-    head = nn.Linear(net.z_dim, len(BUILTIN_DATASETS[variant].class_names)).to(device)
+    classes = len(BUILTIN_DATASETS[variant].class_names)
+    head = nn.Linear(net.z_dim, classes + (0 if targets is None else targets.shape[1])).to(device)
 
     def loss_of(batch):
         cls = net.vit.forward_features(net.preprocess(x[batch].to(device)))[:, 0]  # (n, z_dim) after the final norm
-        return F.cross_entropy(head(cls), y[batch].to(device))
+        out = head(cls)  # (n, classes [+ A])
+        loss = F.cross_entropy(out[:, :classes], y[batch].to(device))
+        if targets is not None:
+            loss = loss + F.mse_loss(out[:, classes:], targets[batch.to(device)])
+        return loss
 
     start = time.time()
     _fit([*net.vit.parameters(), *head.parameters()], loss_of, len(x), epochs, batch_size, lr, seed)
     net.requires_grad_(False).eval()
-    accuracy = linear_probe(net.cpu(), variant, resolution, probe_images)
+    probes = probe_table(net.cpu(), variant, resolution, probe_images)
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     torch.save({"kind": "builtin-vit", "config": net.config, "variant": variant, "state_dict": net.vit.state_dict(),
-                "probe_accuracy": accuracy}, out_path)
-    print(f"encoder: {time.time() - start:.0f} s of pretraining on {len(x)} {variant} images; linear probe "
-          f"on its class token: {accuracy:.3f} held-out accuracy (chance {1 / head.out_features:.2f}) -> {out_path}")
+                "teacher": teacher, "probe_accuracy": probes["class"], "probes": probes}, out_path)
+    print(f"encoder ({teacher} teacher): {time.time() - start:.0f} s of pretraining on {len(x)} {variant} images; "
+          f"linear probes on its class token (held out; class: accuracy, chance {1 / classes:.2f}; attributes: "
+          f"R^2, chance 0): " + ", ".join(f"{k} {v:.3f}" for k, v in probes.items()) + f" -> {out_path}")
     return out_path
 
 
@@ -138,6 +167,26 @@ def linear_probe(net, variant="hard", resolution=32, num_images=2000, epochs=30,
         _fit(probe.parameters(), lambda b: F.cross_entropy(probe(f_train[b]), y_train[b]), len(f_train),
              epochs, 100, 1e-2, seed)
     return (probe(f_test).argmax(1) == y_test).float().mean().item()
+
+
+def probe_table(net, variant="hard", resolution=32, num_images=2000):
+    """What a teacher's class token carries: {"class": linear-probe accuracy, attribute: R^2 of a
+    linear (ridge) regression on the token}, each fitted on training images' tokens and scored on
+    the held-out reference images'. R^2 = 1 - held-out squared error / variance, over the
+    attribute's components; 0 is what a constant guess scores."""
+    table = {"class": linear_probe(net, variant, resolution, num_images)}
+    f_train = _tokens(net, images(variant, "train", num_images, resolution)[0]).double()
+    f_test = _tokens(net, images(variant, "reference", num_images, resolution)[0]).double()
+    mean, std = f_train.mean(0), f_train.std(0) + 1e-6
+    f_train = torch.cat([(f_train - mean) / std, torch.ones(len(f_train), 1, dtype=f_train.dtype)], 1)
+    f_test = torch.cat([(f_test - mean) / std, torch.ones(len(f_test), 1, dtype=f_test.dtype)], 1)
+    a_train, a_test = attributes(variant, "train", num_images, resolution), attributes(variant, "reference", num_images, resolution)
+    ridge = 1e-2 * len(f_train) * torch.eye(f_train.shape[1], dtype=f_train.dtype)
+    for name in a_train:
+        w = torch.linalg.solve(f_train.T @ f_train + ridge, f_train.T @ a_train[name].double())  # (z_dim + 1, k)
+        error = (f_test @ w - a_test[name].double()).square().sum(0)
+        table[name] = (1 - error / (a_test[name].double() - a_test[name].double().mean(0)).square().sum(0)).mean().item()
+    return table
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -211,6 +260,38 @@ def load_evaluator(path, device="cpu"):
     return net.requires_grad_(False).eval().to(device)
 
 
+class AttributeReader:
+    """Reads the global attributes (data.ATTRIBUTES) of any images, generated ones included: a ridge
+    regression per attribute on the evaluator's pooled features, fitted on the evaluator's own
+    held-out images. `r2` is its held-out R^2 per attribute (on the reference images): how far
+    each reading can be trusted."""
+
+    def __init__(self, evaluator, variant="hard", resolution=32, num_images=2000, ridge=1e-3):
+        self.evaluator = evaluator
+        fit, test = (images(variant, role, num_images, resolution)[0] for role in ("evaluator", "reference"))
+        f_fit, f_test = self.features(fit), self.features(test)
+        a_fit, a_test = (attributes(variant, role, num_images, resolution) for role in ("evaluator", "reference"))
+        eye = ridge * len(f_fit) * torch.eye(f_fit.shape[1], dtype=f_fit.dtype)
+        self.weights, self.r2 = {}, {}
+        for name in a_fit:
+            self.weights[name] = torch.linalg.solve(f_fit.T @ f_fit + eye, f_fit.T @ a_fit[name].double())
+            error = (f_test @ self.weights[name] - a_test[name].double()).square().sum(0)
+            total = (a_test[name].double() - a_test[name].double().mean(0)).square().sum(0)
+            self.r2[name] = (1 - error / total).mean().item()
+        self.scale = {name: a_fit[name].double().std(0) for name in a_fit}  # to compare attributes in std units
+
+    @torch.no_grad()
+    def features(self, x, batch_size=500):
+        device = next(self.evaluator.parameters()).device
+        f = torch.cat([self.evaluator(x[i:i + batch_size].to(device))[0] for i in range(0, len(x), batch_size)])
+        return torch.cat([f.double().cpu(), torch.ones(len(f), 1, dtype=torch.float64)], 1)  # (N, width + 1)
+
+    def __call__(self, x):
+        """uint8 images (N, 3, R, R) -> {attribute: (N, k) in units of its std over the data}."""
+        f = self.features(x)
+        return {name: (f @ w) / self.scale[name] for name, w in self.weights.items()}
+
+
 @torch.no_grad()
 def toy_metrics(evaluator, samples, labels, reference, batch_size=500):
     """FID, precision, recall and conditional accuracy of samples against reference images.
@@ -246,13 +327,14 @@ def main(argv=None):
         p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="initialisation and batch order")
         if name == "encoder":
             p.add_argument("--patch-size", type=number(int, 1), default=8, help="the SiT's patch size: REPA aligns patch with patch")
+            p.add_argument("--teacher", default="label", choices=TEACHERS, help="what its class token is trained on")
     add_vae_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "vae":
         return vae_main(args)
     if args.command == "encoder":
         train_encoder(args.out.format(patch_size=args.patch_size), variant=args.variant, seed=args.seed,
-                      patch_size=args.patch_size)
+                      patch_size=args.patch_size, teacher=args.teacher)
     else:
         train_evaluator(args.out, variant=args.variant, seed=args.seed)
 

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import evaluate
 from data import BUILTIN_DATASETS, BuiltinShapes, ClassReferences, PreparedDataset, make_loader
 from encoder import load_encoder, load_vae, sample_posterior
-from flow import LOSS_TERMS, TARGETS, training_loss
+from flow import CLS_TARGETS, LOSS_TERMS, TARGETS, token_target, training_loss
 from model import CAR_VARIANTS, SiT_models, read_checkpoint
 from monitor import Evaluation, Memorization, MetricsLog, SampleGrid
 from util import ArgumentParser, UserError, amp_dtype, cleanup_processes, number, run, setup_processes
@@ -84,6 +84,9 @@ def get_args(argv=None):
                    "dataset prepared with a VAE folder (ReaLS), where that folder is now")
     p.add_argument("--proj-coeff", type=number(float, 0), default=0.5, help="REPA alignment weight (0: no projector)")
     p.add_argument("--cls-coeff", type=number(float, 0), default=0.03, help="class-token loss weight (0: no class token)")
+    p.add_argument("--cls-target", default="cls", choices=CLS_TARGETS,
+                   help="what fills the token slot (REG Table 5; flow.token_target): the encoder's class token, "
+                        "the mean of its patch tokens, one learnable token, or the mean of the noisy latent's features")
     p.add_argument("--path-type", default="linear", choices=["linear", "cosine"], help="interpolant")
     p.add_argument("--weighting", default="uniform", choices=["uniform", "lognormal"], help="time sampling")
     p.add_argument("--cfg-prob", type=number(float, 0, 1), default=0.1, help="label dropout for classifier-free guidance")
@@ -217,7 +220,8 @@ def train_step(batch, *, net, encoder, model, ema, opt, scaler, args, scaling_fa
                 # without --car. They run on `model`, outside DDP's forward, and DDP still averages
                 # their gradients: its hooks fire when backward reaches them through z_t and the target.
                 shifts = model.shifts(labels)
-                losses = training_loss(net, x, labels, cls if args.cls_coeff > 0 else None,
+                token = token_target(args.cls_target, cls, patches) if args.cls_coeff > 0 else None
+                losses = training_loss(net, x, labels, token,
                                        patches if args.proj_coeff > 0 else None, path=args.path_type,
                                        time_schedule=args.weighting, proj_coeff=args.proj_coeff,
                                        cls_coeff=args.cls_coeff, shifts=shifts,
@@ -283,6 +287,8 @@ def build_model(args, dataset, z_dim):
     kwargs = dict(input_size=dataset.resolution // dataset.downsample, in_channels=dataset.latent_channels,
                   num_classes=dataset.num_classes, class_dropout_prob=args.cfg_prob, z_dim=z_dim,
                   cls_token=args.cls_coeff > 0, projector=args.proj_coeff > 0, car=args.car)
+    if args.cls_target in ("learned", "latent-mean"):  # a slot without input (flow.token_target)
+        kwargs["slot"] = args.cls_target
     if args.encoder_depth is not None:
         kwargs["encoder_depth"] = args.encoder_depth
     model = SiT_models[args.model](**kwargs)

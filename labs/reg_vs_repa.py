@@ -1,25 +1,33 @@
 """Lab: does entangling one semantic token make a diffusion transformer learn faster? SiT, SiT + REPA
-and SiT + REG (REG arXiv 2507.01467, Table 1) at a scale anyone can run, on the built-in hard shapes.
+and SiT + REG (REG arXiv 2507.01467, Table 1) at a scale anyone can run, on the built-in hard shapes;
+and what REG's token must carry to beat REPA (REG Tables 5 and 6), with a second teacher.
 
-    python labs/reg_vs_repa.py                    # CPU: about 15 minutes on 2 cores (README, the lab)
-    python labs/reg_vs_repa.py --device cuda      # one GPU: a larger SiT, more steps and samples
+    python labs/reg_vs_repa.py                        # CPU, 2 cores: SiT, REPA, REG, with and without labels
+    python labs/reg_vs_repa.py --study tokens         # CPU: the token study (the rich teacher, Table 5 and 6 arms)
+    python labs/reg_vs_repa.py --device cuda          # one GPU: a larger world and SiT, more steps and samples
 
 Every arm is `python train.py --builtin hard --enc-type builtin-vit ...` through train.main, with
-the same seeds and settings except its own flags (ARMS): --cls-coeff 0 for REPA, --cls-coeff 0
---proj-coeff 0 for plain SiT, and --cfg-prob 1 for the unconditional arms (the label embedder then
-drops every label to the null one, so only REG's class token can carry the class). The teacher
-(encoder.BuiltinViT) and the scorer (toy.ToyEvaluator) are trained by toy.py when their files are
-missing and cached under runs/toy/. The EMA of every checkpoint is sampled with flow.sample_sit
-(no guidance, the paper's protocol) and scored by toy.toy_metrics against held-out images.
+the same seeds and settings except its teacher and its own flags (ARMS): --cls-coeff 0 for REPA,
+--cls-coeff 0 --proj-coeff 0 for plain SiT, --cls-target for the token variants of Table 5,
+--proj-coeff 0 with the token for Table 6, and --cfg-prob 1 for the unconditional arms (the label
+embedder then drops every label to the null one, so only REG's token can carry the class). The
+teachers (encoder.BuiltinViT: "label", whose class token is trained on the class, and "rich", on the
+class and every global attribute of the image) and the scorer (toy.ToyEvaluator) are trained by
+toy.py when their files are missing and cached under runs/toy/. The EMA of every checkpoint is
+sampled with flow.sample_sit (no guidance, the paper's protocol) and scored by toy.toy_metrics
+against held-out images.
 
-Outputs in --out (default runs/labs/reg_vs_repa): results.json, results.md (mean +- std over seeds,
-with the command), curves.png (toy FID and conditional accuracy against steps, one curve per arm,
-band = min..max over seeds), steering.png (does REG's token steer the image?), and the runs.
-Rerunning the command reuses finished runs (their scores, runs/<run>.json, made with the same flags).
+Outputs in --out (default runs/labs/reg_vs_repa, or runs/labs/reg_vs_repa-tokens): results.json
+(with the time and the machine's load average before and after), results.md (mean +- std over
+seeds, the command, the teachers' linear probes per attribute), curves.png (toy FID and conditional
+accuracy against steps, one curve per arm, band = min..max over seeds), steering.png (does REG's
+token steer the image's class, and its colour, position, size...?), and the runs. Rerunning the
+command reuses finished runs (their scores, runs/<run>.json, made with the same flags).
 """
 import argparse
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -40,27 +48,47 @@ from model import SiT_models, load_weights, read_checkpoint  # noqa: E402
 from plot import line_plot  # noqa: E402
 from util import ArgumentParser, number, run, save_grid  # noqa: E402
 
-# Each arm's own flags; nothing else differs between arms.
-ARMS = {
-    "SiT": ["--cls-coeff", "0", "--proj-coeff", "0"],
-    "REPA": ["--cls-coeff", "0"],
-    "REG": [],
-    "SiT uncond.": ["--cls-coeff", "0", "--proj-coeff", "0", "--cfg-prob", "1"],
-    "REG uncond.": ["--cfg-prob", "1"],
-    "REPA uncond.": ["--cls-coeff", "0", "--cfg-prob", "1"],
+# Each arm: the teacher whose tokens it uses (toy.TEACHERS) and its own train.py flags; nothing else
+# differs between arms. "<arm> uncond." is the same arm without labels (--cfg-prob 1).
+BASE_ARMS = {
+    "SiT": ("label", ["--cls-coeff", "0", "--proj-coeff", "0"]),
+    "REPA": ("label", ["--cls-coeff", "0"]),
+    "REG": ("label", []),
+    # The token study: a teacher whose class token knows more than the label (toy.py, "rich").
+    "REPA rich": ("rich", ["--cls-coeff", "0"]),
+    "REG rich": ("rich", []),
+    "REG rich, patch mean": ("rich", ["--cls-target", "patch-mean"]),  # REG Table 5
+    "REG rich, learned token": ("rich", ["--cls-target", "learned"]),  # REG Table 5
+    "REG rich, latent mean": ("rich", ["--cls-target", "latent-mean"]),  # REG Table 5
+    "REG rich, no alignment": ("rich", ["--proj-coeff", "0"]),  # REG Table 6: the token without REPA
 }
-# The arms a plain command runs; "REPA uncond." (--arms) separates, without labels, what REPA's
-# alignment gives from what REG's token adds, at three more runs.
-DEFAULT_ARMS = ["SiT", "REPA", "REG", "SiT uncond.", "REG uncond."]
-COLOURS = {"SiT": (120, 120, 120), "REPA": (31, 119, 180), "REG": (214, 39, 40),
-           "SiT uncond.": (188, 189, 34), "REG uncond.": (148, 103, 189), "REPA uncond.": (23, 190, 207)}
-# The scale of each device: the SiT, its training and its evaluation, and how many runs go at once.
-# A SiT-S/4 step at batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the
-# cuda scale runs all 15 runs side by side in their own processes; the 2-core CPU scale one at a time.
+ARMS = {**BASE_ARMS, **{f"{arm} uncond.": (teacher, [*flags, "--cfg-prob", "1"])
+                        for arm, (teacher, flags) in BASE_ARMS.items()}}
+# The arms of each study. "main" (the plain command): SiT, REPA and REG, with and without labels, so
+# that the token's own effect without labels (REG uncond. against REPA uncond.) is measured too.
+# "tokens": what REG's token must carry to beat REPA (REG Tables 5 and 6) with the rich teacher;
+# "tokens-uncond": the same arms without labels (two commands, so that each fits 15 minutes on 2 cores).
+STUDIES = {
+    "main": ["SiT", "REPA", "REG", "SiT uncond.", "REPA uncond.", "REG uncond."],
+    "tokens": [arm for arm in BASE_ARMS if "rich" in arm],
+    "tokens-uncond": [f"{arm} uncond." for arm in BASE_ARMS if "rich" in arm],
+}
+DEFAULT_ARMS = STUDIES["main"]
+PALETTE = [(120, 120, 120), (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
+           (140, 86, 75), (227, 119, 194), (23, 190, 207), (188, 189, 34)]
+COLOURS = {arm: PALETTE[i % len(PALETTE)] for i, arm in enumerate(BASE_ARMS)}
+COLOURS.update({f"{arm} uncond.": tuple(c // 2 + 64 for c in colour) for arm, colour in COLOURS.items()})
+# The scale of each device: the world (resolution of the hard shapes), the SiT, its training and its
+# evaluation, the teachers' pretraining, and how many runs go at once. A SiT-S/4 step at batch 128 is
+# launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the cuda scale runs all its runs side
+# by side in their own processes. The 2-core CPU scale is a smaller world: 16x16 images, SiT-T/4 (16
+# tokens), two runs at a time, one thread each (a step costs about 0.3 s of one core, measured with
+# OMP_NUM_THREADS=1; README, the lab, says how it was sized).
 SCALES = {
-    "cpu": dict(model="SiT-T/8", steps=240, evals=3, batch=32, lr=1e-3, samples=150, sample_steps=15, parallel=1),
-    "cuda": dict(model="SiT-S/4", steps=1000, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40,
-                 parallel=15),
+    "cpu": dict(resolution=16, model="SiT-T/4", steps=200, evals=2, batch=64, lr=1e-3, samples=200, sample_steps=10,
+                teacher_images=3000, teacher_epochs=4, parallel=2),
+    "cuda": dict(resolution=32, model="SiT-S/4", steps=1000, evals=5, batch=128, lr=5e-4, samples=1000, sample_steps=40,
+                 teacher_images=5000, teacher_epochs=5, parallel=15),
 }
 
 
@@ -68,15 +96,20 @@ def get_args(argv=None):
     p = ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cpu", choices=sorted(SCALES), help="the scale (SCALES) and where it runs")
     p.add_argument("--seeds", type=number(int, 1), default=3, help="seeds per arm (0, 1, ...)")
-    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS), help="which arms")
+    p.add_argument("--study", default="main", choices=sorted(STUDIES), help="which arms (STUDIES): main, or "
+                   "tokens (the teachers and REG's token variants)")
+    p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="which arms; none: the study's")
     p.add_argument("--steps", type=number(int, 1), default=None, help="training steps per run; none: the scale's")
     p.add_argument("--samples", type=number(int, 4), default=None, help="samples per evaluation; none: the scale's")
-    p.add_argument("--out", default="runs/labs/reg_vs_repa", help="output folder")
+    p.add_argument("--out", default=None, help="output folder; none: runs/labs/reg_vs_repa (main) or "
+                   "runs/labs/reg_vs_repa-tokens")
     p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
     p.add_argument("--parallel", type=number(int, 1), default=None, help="runs at once, each in its own process; "
                    "none: the scale's")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one run, in its own process (run_workers)
     args = p.parse_args(argv)
+    args.arms = args.arms or STUDIES[args.study]
+    args.out = args.out or "runs/labs/reg_vs_repa" + ("" if args.study == "main" else f"-{args.study}")
     given = sys.argv[1:] if argv is None else argv
     args.argv = list(given)  # a worker rebuilds these args from them
     args.command = shlex.join(["python", "labs/reg_vs_repa.py", *given])  # what the tables quote
@@ -88,16 +121,19 @@ def get_args(argv=None):
     return args
 
 
-def train_argv(args, arm, seed, encoder_path):
-    """train.py's command line for one run: the common settings, then the arm's own flags."""
+def train_argv(args, arm, seed, encoder_path=None):
+    """train.py's command line for one run: the common settings, then the arm's own flags; the
+    encoder is the arm's teacher (encoder_file) unless encoder_path is given."""
     s = args.scale
     every = max(1, s["steps"] // s["evals"])
-    return ["--builtin", "hard", "--model", s["model"], "--enc-type", "builtin-vit", "--enc-path", encoder_path,
+    encoder_path = encoder_path or encoder_file(args, ARMS[arm][0])
+    return ["--builtin", "hard", "--resolution", str(s["resolution"]), "--model", s["model"], "--enc-type",
+            "builtin-vit", "--enc-path", encoder_path,
             "--max-train-steps", str(s["steps"]), "--checkpoint-every", str(every), "--sample-every", str(s["steps"]),
             "--log-every", str(max(1, every // 4)), "--global-batch-size", str(s["batch"]), "--lr", str(s["lr"]),
             "--no-compile",  # short runs: compiling (about a minute per run) would cost more than it saves
             "--seed", str(seed), "--output-dir", os.path.join(args.out, "runs"),
-            "--exp-name", run_name(arm, seed), *ARMS[arm]]
+            "--exp-name", run_name(arm, seed), *ARMS[arm][1]]
 
 
 def patch_size(args):
@@ -105,9 +141,14 @@ def patch_size(args):
     return int(args.scale["model"].split("/")[1])
 
 
-def teachers(args):
-    """The cached teacher's and scorer's files."""
-    return os.path.join(args.toy_dir, f"encoder-p{patch_size(args)}.pt"), os.path.join(args.toy_dir, "evaluator.pt")
+def encoder_file(args, teacher):
+    """The cached file of one teacher (toy.TEACHERS) at this scale's resolution and patch size."""
+    return os.path.join(args.toy_dir, f"encoder-{teacher}-{args.scale['resolution']}px-p{patch_size(args)}.pt")
+
+
+def evaluator_file(args):
+    """The cached scorer's file at this scale's resolution."""
+    return os.path.join(args.toy_dir, f"evaluator-{args.scale['resolution']}px.pt")
 
 
 def run_json(args, arm, seed):
@@ -128,11 +169,11 @@ def finished(path, argv):
 
 
 def run_name(arm, seed):
-    return f"{arm.replace(' ', '-').replace('.', '')}-seed{seed}"  # "REG-uncond-seed0"
+    return f"{re.sub('[^A-Za-z0-9]+', '-', arm).strip('-')}-seed{seed}"  # "REG-rich-patch-mean-uncond-seed0"
 
 
 def unconditional(arm):
-    return "--cfg-prob" in ARMS[arm]
+    return "--cfg-prob" in ARMS[arm][1]
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -141,7 +182,7 @@ def load_ema(path, device):
     """The EMA SiT of a train.py checkpoint, and its config."""
     ckpt = read_checkpoint(path)
     config = dict(ckpt["config"])
-    model = SiT_models[config.pop("model")](**{k: v for k, v in config.items() if k not in ("vae", "scaling_factor")})
+    model = SiT_models[config.pop("model")](**{k: v for k, v in config.items() if k not in ("vae", "scaling_factor", "enc_type")})
     model.load_state_dict(load_weights(ckpt))
     return model.to(device).eval().requires_grad_(False), ckpt["config"]
 
@@ -209,10 +250,13 @@ class GivenToken(nn.Module):
 
 
 @torch.no_grad()
-def steering(model, unconditional, evaluator, device, steps, n=200, shown=8):
+def steering(model, unconditional, evaluator, device, steps, n=200, shown=8, reader=None):
     """The same start noise sampled three ways: with its own token, with the next sample's token,
     with a token re-drawn as noise at each step. -> (images of `shown` samples per way, numbers):
-    the share of images whose class (by the evaluator) follows the token's donor or stays its own."""
+    the share of images whose class (by the evaluator) follows the token's donor or stays its own,
+    and, with a toy.AttributeReader, per attribute the share of images given the donor's token whose
+    attribute lies nearer the donor's own image's than their own image's (0: the token moves
+    nothing, the start noise decides; 1: the attribute follows the token)."""
     size = model.grid_size * model.patch_size
     indices = list(range(n))
     x, cls, y = start_noise(indices, 20_000, (model.in_channels, size, size), model.z_dim, model.num_classes)
@@ -233,6 +277,12 @@ def steering(model, unconditional, evaluator, device, steps, n=200, shown=8):
                "other token: class kept": (classes["other"] == classes["own"]).double().mean().item(),
                "noise token: class kept": (classes["noise"] == classes["own"]).double().mean().item(),
                "chance": 0.1}
+    if reader is not None:
+        read = {name: reader(images) for name, images in (("own", own), ("other", other))}
+        for attribute in read["own"]:
+            own_a, other_a = read["own"][attribute], read["other"][attribute]  # (n, k) in std units
+            nearer = (other_a - own_a[donor]).norm(dim=1) < (other_a - own_a).norm(dim=1)
+            numbers[f"other token: {attribute} nearer the donor's"] = nearer.double().mean().item()
     return torch.stack([own[:shown], other[:shown], noise[:shown]]).cpu(), numbers
 
 
@@ -244,12 +294,14 @@ def save_steering(rows, numbers, path, scale=3):
     os.remove(grid_path)
     grid = grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST)
     names = ["own token", "next sample's token", "noise token"]
-    image = Image.new("RGB", (grid.width + 170, grid.height + 40), "white")
+    lines = [f"{k}: {v:.2f}" for k, v in numbers.items()]
+    image = Image.new("RGB", (max(grid.width + 170, 420), grid.height + 16 + 14 * len(lines)), "white")
     image.paste(grid, (170, 0))
     draw = ImageDraw.Draw(image)
     for i, name in enumerate(names):
         draw.text((6, (i + 0.5) * grid.height / 3 - 6), name, fill=(0, 0, 0))
-    draw.text((6, grid.height + 8), "; ".join(f"{k} {v:.2f}" for k, v in numbers.items()), fill=(0, 0, 0))
+    for i, line in enumerate(lines):
+        draw.text((6, grid.height + 8 + 14 * i), line, fill=(0, 0, 0))
     image.save(path)
 
 
@@ -303,7 +355,7 @@ def tables(results, command):
 def one_run(args, arm, seed, evaluator, reference, start):
     """One run: train.py with the arm's flags, then every checkpoint's EMA scored -> run_json (the
     rows and the flags); a run whose scores are there already is not redone."""
-    path, argv = run_json(args, arm, seed), train_argv(args, arm, seed, teachers(args)[0])
+    path, argv = run_json(args, arm, seed), train_argv(args, arm, seed)
     if finished(path, argv):
         return
     print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
@@ -317,26 +369,45 @@ def one_run(args, arm, seed, evaluator, reference, start):
 
 
 def worker(args, job):
-    """`--worker JSON`: one run in its own process, with the teacher and scorer main() made."""
-    evaluator = toy.load_evaluator(teachers(args)[1], torch.device(args.device))
-    reference, _ = toy.images("hard", "reference", args.scale["samples"])
+    """`--worker JSON`: one run in its own process, with the teachers and scorer main() made."""
+    evaluator = toy.load_evaluator(evaluator_file(args), torch.device(args.device))
+    reference, _ = toy.images("hard", "reference", args.scale["samples"], args.scale["resolution"])
     one_run(args, job["arm"], job["seed"], evaluator, reference, time.time())
+
+
+def make_teachers(args, device):
+    """Each teacher the arms use, and the scorer: trained once, cached (toy.py prints their quality
+    figures) -> {teacher: its probe table (toy.probe_table)}."""
+    s, probes = args.scale, {}
+    for teacher in sorted({ARMS[arm][0] for arm in args.arms}):
+        path = encoder_file(args, teacher)
+        if not os.path.isfile(path):
+            toy.train_encoder(path, resolution=s["resolution"], patch_size=patch_size(args), teacher=teacher,
+                              num_images=s["teacher_images"], epochs=s["teacher_epochs"], device=device)
+        probes[teacher] = torch.load(path, map_location="cpu", weights_only=True).get("probes")
+    if not os.path.isfile(evaluator_file(args)):
+        toy.train_evaluator(evaluator_file(args), resolution=s["resolution"])
+    return probes
+
+
+def probe_markdown(probes):
+    names = [k for k in next(iter(probes.values()))]
+    lines = ["| teacher | " + " | ".join(f"{k} ({'accuracy' if k == 'class' else 'R²'})" for k in names) + " |",
+             "|---|" + "---|" * len(names)]
+    lines += [f"| {teacher} | " + " | ".join(f"{table[k]:.3f}" for k in names) + " |" for teacher, table in probes.items()]
+    return "\n".join(lines) + "\n"
 
 
 def main(args):
     device = torch.device(args.device)
-    start = time.time()
+    start, load_before = time.time(), os.getloadavg()
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = args.command
 
-    # The teacher and the scorer: trained once, cached (toy.py prints their quality figures).
-    encoder_path, evaluator_path = teachers(args)
-    if not os.path.isfile(encoder_path):
-        toy.train_encoder(encoder_path, patch_size=patch_size(args), device=device)
-    if not os.path.isfile(evaluator_path):
-        toy.train_evaluator(evaluator_path)
-    evaluator = toy.load_evaluator(evaluator_path, device)
-    reference, _ = toy.images("hard", "reference", args.scale["samples"])
+    # The teachers and the scorer, and what each teacher's class token carries (linear probes).
+    probes = make_teachers(args, device)
+    evaluator = toy.load_evaluator(evaluator_file(args), device)
+    reference, _ = toy.images("hard", "reference", args.scale["samples"], args.scale["resolution"])
 
     # Training: every arm and seed through train.py, then the EMA of each checkpoint scored (one_run);
     # here one after another, or `parallel` at a time in their own processes (logs: runs/<run>.json.log).
@@ -344,7 +415,7 @@ def main(args):
             for arm in args.arms for seed in range(args.seeds)]
     for job in jobs:  # scores made with other flags (another --steps, say) are dropped here, since
         # run_workers skips every run whose file exists; their runs are redone
-        finished(job["out_json"], train_argv(args, job["arm"], job["seed"], encoder_path))
+        finished(job["out_json"], train_argv(args, job["arm"], job["seed"]))
     if args.scale["parallel"] == 1:
         for job in jobs:
             one_run(args, job["arm"], job["seed"], evaluator, reference, start)
@@ -356,27 +427,36 @@ def main(args):
         with open(job["out_json"]) as f:
             results.setdefault(job["arm"], []).append(json.load(f)["rows"])
 
-    # Does the token steer the image? REG's last EMA of seed 0, unconditional if it was trained.
+    # Does the token steer the image, and which attributes does it carry? The last EMA of seed 0 of
+    # the first REG arm (the rich teacher's first, unconditional first), read by the evaluator and
+    # an attribute reader on its features.
     steer = {}
-    for arm in ("REG uncond.", "REG"):
-        if arm in args.arms:
-            ckpt_dir = os.path.join(args.out, "runs", run_name(arm, 0), "checkpoints")
-            model, _ = load_ema(train.latest_checkpoint(ckpt_dir), device)
-            rows, steer = steering(model, unconditional(arm), evaluator, device, args.scale["sample_steps"])
-            steer = {"arm": arm, **steer}
-            save_steering(rows, {k: v for k, v in steer.items() if k != "arm"}, os.path.join(args.out, "steering.png"))
-            break
+    reg_arms = [arm for arm in args.arms if arm.startswith("REG") and "," not in arm]
+    reg_arms.sort(key=lambda arm: (ARMS[arm][0] != "rich", not unconditional(arm)))
+    if reg_arms:
+        arm = reg_arms[0]
+        reader = toy.AttributeReader(evaluator, "hard", args.scale["resolution"])
+        ckpt_dir = os.path.join(args.out, "runs", run_name(arm, 0), "checkpoints")
+        model, _ = load_ema(train.latest_checkpoint(ckpt_dir), device)
+        rows, steer = steering(model, unconditional(arm), evaluator, device, args.scale["sample_steps"], reader=reader)
+        save_steering(rows, steer, os.path.join(args.out, "steering.png"))
+        steer = {"arm": arm, **steer, "reader R^2 (held out)": reader.r2}
 
-    # Outputs: the plot, the tables, the steering numbers.
+    # Outputs: the plot, the tables, the probes, the steering numbers, the time and the machine's load.
     plot(results, os.path.join(args.out, "curves.png"))
     final, markdown = tables(results, command)
+    markdown += "\nLinear probes on each teacher's class token (held out; chance: class 0.10, R² 0):\n\n" + \
+        probe_markdown(probes) if all(probes.values()) else ""
+    seconds, load_after = time.time() - start, os.getloadavg()
+    markdown += f"\n{seconds:.0f} s; load average (1, 5, 15 min) before {load_before}, after {load_after}\n"
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "scale": args.scale, "seeds": args.seeds, "final": final, "curves": results,
-                   "steering": steer, "seconds": time.time() - start}, f, indent=1)
+                   "probes": probes, "steering": steer, "seconds": seconds, "loadavg_before": load_before,
+                   "loadavg_after": load_after, "cpus": os.cpu_count()}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown + (f"\nsteering ({steer['arm']}): {steer}\n" if steer else "") +
-          f"\n{time.time() - start:.0f} s; curves.png, steering.png, results.json and results.md in {args.out}")
+          f"\ncurves.png, steering.png, results.json and results.md in {args.out}")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ spec.loader.exec_module(lab)
 def toy_dir(tmp_path_factory):
     """A tiny teacher and scorer where the lab looks for them, so the lab trains neither."""
     folder = tmp_path_factory.mktemp("toy")
-    toy.train_encoder(str(folder / "encoder-p8.pt"), num_images=100, epochs=1, probe_images=100, z_dim=32, depth=1,
-                      num_heads=1)
-    toy.train_evaluator(str(folder / "evaluator.pt"), num_images=100, epochs=1, width=8, sanity_images=50)
+    toy.train_encoder(str(folder / "encoder-label-16px-p4.pt"), num_images=100, epochs=1, probe_images=100,
+                      resolution=16, patch_size=4, z_dim=32, depth=1, num_heads=1)
+    toy.train_evaluator(str(folder / "evaluator-16px.pt"), num_images=100, epochs=1, width=8, sanity_images=50,
+                        resolution=16)
     return folder
 
 
@@ -40,26 +41,28 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
                         lambda num_images=64, resolution=32, seed=0: data.HardShapes(min(num_images, 64), resolution, seed))
     out = tmp_path / "lab"
     lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
-                           "--toy-dir", str(toy_dir)]))
+                           "--toy-dir", str(toy_dir), "--parallel", "1"]))
 
     assert [(a.exp_name, a.seed) for a in received] == [(lab.run_name(arm, 0), 0) for arm in lab.DEFAULT_ARMS]
-    flags = {"cls_coeff": {"SiT": 0, "REPA": 0, "REG": 0.03, "SiT uncond.": 0, "REG uncond.": 0.03},
-             "proj_coeff": {"SiT": 0, "REPA": 0.5, "REG": 0.5, "SiT uncond.": 0, "REG uncond.": 0.5},
-             "cfg_prob": {"SiT": 0.1, "REPA": 0.1, "REG": 0.1, "SiT uncond.": 1, "REG uncond.": 1}}
+    flags = {"cls_coeff": {"SiT": 0, "REPA": 0, "REG": 0.03, "SiT uncond.": 0, "REPA uncond.": 0, "REG uncond.": 0.03},
+             "proj_coeff": {"SiT": 0, "REPA": 0.5, "REG": 0.5, "SiT uncond.": 0, "REPA uncond.": 0.5, "REG uncond.": 0.5},
+             "cfg_prob": {"SiT": 0.1, "REPA": 0.1, "REG": 0.1, "SiT uncond.": 1, "REPA uncond.": 1, "REG uncond.": 1}}
     for args, arm in zip(received, lab.DEFAULT_ARMS):
         for name, by_arm in flags.items():
             assert getattr(args, name) == by_arm[arm], (arm, name)
         common = {k: v for k, v in vars(args).items() if k not in (*flags, "exp_name", "seed")}
         assert common == {k: v for k, v in vars(received[0]).items() if k not in (*flags, "exp_name", "seed")}
     assert received[0].builtin == "hard" and received[0].enc_type == "builtin-vit" and received[0].compile is False
+    assert received[0].resolution == 16 and received[0].enc_path.endswith("encoder-label-16px-p4.pt")
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["final"]) == set(lab.DEFAULT_ARMS)
-    assert results["command"] == f"python labs/reg_vs_repa.py --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir}"
+    assert results["command"] == f"python labs/reg_vs_repa.py --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir} --parallel 1"
     assert len(results["curves"]["REG"]) == 1 and [r["step"] for r in results["curves"]["REG"][0]] == [1, 2]
     assert results["final"]["REG"]["fid"]["seeds"] == [run[-1]["fid"] for run in results["curves"]["REG"]]
     assert results["final"]["REG uncond."].get("accuracy") is None and "top_class_share" in results["final"]["REG uncond."]
-    assert results["steering"]["arm"] == "REG uncond."
+    assert results["steering"]["arm"] == "REG uncond." and "other token: colour nearer the donor's" in results["steering"]
+    assert results["probes"]["label"]["class"] > 0 and "loadavg_before" in results and results["seconds"] > 0
     markdown = (out / "results.md").read_text()
     assert results["command"] in markdown and "| REPA | 2 |" in markdown
     for name in ("curves.png", "steering.png"):
@@ -68,8 +71,26 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     # The same command again trains nothing: each run's scores were kept with their flags.
     received.clear()
     lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
-                           "--toy-dir", str(toy_dir)]))
+                           "--toy-dir", str(toy_dir), "--parallel", "1"]))
     assert received == [] and json.loads((out / "results.json").read_text())["final"] == results["final"]
+
+
+def test_token_study_arms_differ_from_reg_with_the_rich_teacher_only_in_their_own_flags():
+    args = lab.get_args(["--study", "tokens"])
+    assert args.out.endswith("reg_vs_repa-tokens") and len(args.arms) == 6
+    assert lab.get_args(["--study", "tokens-uncond"]).arms == [arm + " uncond." for arm in args.arms]
+    parsed = {arm: train.get_args(lab.train_argv(args, arm, 0)) for arm in lab.ARMS if "rich" in arm}
+    own = {"REPA rich": {"cls_coeff": 0}, "REG rich": {},
+           "REG rich, patch mean": {"cls_target": "patch-mean"}, "REG rich, learned token": {"cls_target": "learned"},
+           "REG rich, latent mean": {"cls_target": "latent-mean"}, "REG rich, no alignment": {"proj_coeff": 0}}
+    for arm, expected in own.items():
+        for name, flags in ((arm, expected), (arm + " uncond.", {**expected, "cfg_prob": 1})):
+            differ = {k: v for k, v in vars(parsed[name]).items() if vars(parsed["REG rich"])[k] != v and k != "exp_name"}
+            assert differ == flags, name
+            assert parsed[name].enc_path.endswith("encoder-rich-16px-p4.pt")
+    main = train.get_args(lab.train_argv(lab.get_args([]), "REPA", 0))  # the label teacher's REPA: the teacher apart
+    assert {k for k, v in vars(main).items() if vars(parsed["REPA rich"])[k] != v} == {"enc_path", "exp_name",
+                                                                                        "output_dir"}
 
 
 def test_unconditional_arm_trains_and_samples_with_the_null_label_only():
@@ -87,10 +108,15 @@ def test_unconditional_arm_trains_and_samples_with_the_null_label_only():
 class Recorder(torch.nn.Module):
     """A model that records the class token it reads and returns zero velocities."""
 
+    num_classes = 10  # what flow.sample_sit reads of a SiT, besides its call
+
     def __init__(self):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(()))
         self.read = []
+
+    def shifts(self, y):
+        return None, None
 
     def forward(self, x, t, y, cls):
         self.read.append((t[0].item(), cls.clone()))
