@@ -26,8 +26,7 @@ The built-in hard shapes with a pretrained toy teacher (what labs/reg_vs_repa.py
         --enc-type builtin-vit --enc-path runs/toy/encoder-p8.pt
 Relaunching the same command resumes from the latest checkpoint in the run directory.
 Precision: bf16 autocast is our default because it needs no loss scaling; --precision fp16 is
-the release's (fp16 autocast + GradScaler). The paper's 1.36 FID (REG 2507.01467, Table 2) is at
-4M steps; its 400K-step comparisons are the --max-train-steps default.
+the release's (fp16 autocast + GradScaler).
 """
 import argparse
 import copy
@@ -45,7 +44,8 @@ from encoder import load_encoder, load_vae, sample_posterior
 from flow import CLS_TARGETS, LOSS_TERMS, TARGETS, token_target, training_loss
 from model import CAR_VARIANTS, SiT_models, read_checkpoint
 from monitor import Evaluation, Memorization, MetricsLog, SampleGrid
-from util import ArgumentParser, UserError, amp_dtype, cleanup_processes, number, run, setup_processes
+from util import (ArgumentParser, UserError, amp_dtype, cleanup_processes, latest_checkpoint, number, rng_state, run,
+                  save_checkpoint, set_rng_state, setup_processes)
 
 # The "builtin" preset: what `python train.py` without --data-path changes, so that a tiny model
 # learns the built-in shapes (32x32 pixels) in minutes on a CPU. Everything else keeps the
@@ -121,7 +121,6 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.preset = "builtin" if args.data_path is None else None
     check_args(p, args)
-    check_closed_form_args(p, args)
     return args
 
 
@@ -156,13 +155,6 @@ def add_closed_form_args(p):
     g.add_argument("--mem-samples", type=number(int, 1), default=256, help="samples per memorized fraction")
 
 
-def check_closed_form_args(p, args):
-    # The closed-form target is derived for the unshifted path (flow.closed_form_target); with
-    # CAR-Flow's shifts its correction would have to be taken on the unshifted pair, which is not done.
-    if args.target == "closed-form" and args.car != "none":
-        p.error(f"--target closed-form does not combine with --car {args.car}; use one of them")
-
-
 def check_args(p, args):
     """Mistakes in the flags end here, before anything is built (p.error: one line, exit 2); each
     number's range is checked where its flag is defined (util.number)."""
@@ -174,6 +166,10 @@ def check_args(p, args):
     if args.resolution is not None and args.resolution % int(args.model.split("/")[1]):
         p.error(f"--resolution {args.resolution} is not a multiple of {args.model}'s patch size; "
                 f"give a multiple of {args.model.split('/')[1]}")
+    # The closed-form target is derived for the unshifted path (flow.closed_form_target); with
+    # CAR-Flow's shifts its correction would have to be taken on the unshifted pair, which is not done.
+    if args.target == "closed-form" and args.car != "none":
+        p.error(f"--target closed-form does not combine with --car {args.car}; use one of them")
     if args.eval_every:
         try:  # the reference batch's layout, from its headers alone
             evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
@@ -254,10 +250,10 @@ def update_ema(ema, model, decay):
 # ----------------------------------------------------------------------------- building blocks of main
 
 def build_encoder(args, dataset):
-    """The frozen DINOv2 (or, in the builtin preset, a small random stand-in ViT)."""
+    """The frozen encoder(s) of --enc-type, whose patch grid must be the SiT's."""
+    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
     if args.enc_type == "builtin-vit":  # toy.py's pretrained ViT: its patches must tile the SiT's grid
         encoder = load_encoder("builtin-vit", resolution=dataset.resolution, weights=args.enc_path)
-        grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
         tokens = encoder.vit.patch_embed.num_patches
         if args.proj_coeff > 0 and tokens != grid * grid:
             patch = encoder.config["patch_size"]
@@ -265,7 +261,6 @@ def build_encoder(args, dataset):
                             f"{grid * grid}; use a SiT of patch size {patch}, or pretrain an encoder with "
                             f"python toy.py encoder --patch-size {args.model.split('/')[1]}")
         return encoder
-    grid = dataset.resolution // dataset.downsample // int(args.model.split("/")[1])
     if args.enc_type != "stand-in":  # the official families, one or several: each has an R/16 grid
         encoder = load_encoder(args.enc_type, resolution=dataset.resolution, weights=args.enc_path or "pretrained")
         for name, one in zip(args.enc_type.split(","), getattr(encoder, "encoders", [encoder])):
@@ -307,28 +302,6 @@ def build_optimizer(args, model):
     return opt, scaler
 
 
-def rng_state(device):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def latest_checkpoint(ckpt_dir):
-    names = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
-    return os.path.join(ckpt_dir, names[-1]) if names else None
-
-
 def resume(args, ckpt_dir, model, ema, opt, scaler):
     """Load the latest checkpoint of the run directory, if any -> (step, checkpoint or None)."""
     path = latest_checkpoint(ckpt_dir)
@@ -339,16 +312,12 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if missing:
         raise UserError(f"{path} is not a checkpoint that train.py can resume from (it has no {', '.join(missing)}); "
                         f"move it out of {ckpt_dir}, or use another --exp-name for a new run")
-    if ckpt["args"].model != args.model:
-        raise UserError(f"{path} was written by a run with --model {ckpt['args'].model} and this run has "
-                        f"{args.model}; use another --exp-name for a new run")
-    if ckpt["args"].enc_type != args.enc_type:
-        raise UserError(f"{path} was written by a run with --enc-type {ckpt['args'].enc_type} and this run has "
-                        f"{args.enc_type}; resume with --enc-type {ckpt['args'].enc_type}, or use another --exp-name")
-    car = getattr(ckpt["args"], "car", "none")  # checkpoints from before --car existed have none
-    if car != args.car:
-        raise UserError(f"{path} was written by a run with --car {car} and this run has --car {args.car}; "
-                        f"resume with --car {car}, or use another --exp-name for a new run")
+    for flag, default in (("model", None), ("enc_type", None), ("car", "none")):  # --car: none before it existed
+        theirs, ours = getattr(ckpt["args"], flag, default), getattr(args, flag)
+        if theirs != ours:
+            name = "--" + flag.replace("_", "-")
+            raise UserError(f"{path} was written by a run with {name} {theirs} and this run has {name} {ours}; "
+                            f"resume with {name} {theirs}, or use another --exp-name for a new run")
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])

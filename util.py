@@ -6,6 +6,7 @@
     parser.add_argument("--lr", type=number(float, above=0))  # `error: argument --lr: -1 is out of range ...`
     run(main)                          # a UserError becomes one line `error: ...` and exit status 2
     save_grid(to_uint8(images), "grid.png", nrow=8)
+    save_checkpoint(path, state)       # atomic: a temporary file, then a rename
 """
 import argparse
 import datetime
@@ -191,3 +192,27 @@ def save_grid(images, path, nrow=8, padding=2):
     grid = torch.nn.functional.pad(grid, (0, 0, 0, padding, 0, padding))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     Image.fromarray(grid.numpy()).save(path)
+
+
+# ----------------------------------------------------------------------------- checkpoint files
+
+def rng_state(device):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(ckpt_dir):
+    names = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")) if os.path.isdir(ckpt_dir) else []
+    return os.path.join(ckpt_dir, names[-1]) if names else None
