@@ -117,7 +117,7 @@ def test_the_unconditional_repa_arm_differs_from_the_others_only_in_its_own_flag
     import train
     lab = load_lab("reg_vs_repa")
     args = lab.get_args(["--arms", "REPA uncond."])
-    assert args.arms == ["REPA uncond."] and "REPA uncond." in lab.DEFAULT_ARMS  # run by default (issue 26)
+    assert args.arms == ["REPA uncond."] and "REPA uncond." in lab.DEFAULT_ARMS  # run by default
     parsed = {arm: train.get_args(lab.train_argv(args, arm, 0, "enc.pt")) for arm in ("REPA", "REPA uncond.", "REG uncond.")}
     assert (parsed["REPA uncond."].cls_coeff, parsed["REPA uncond."].proj_coeff, parsed["REPA uncond."].cfg_prob) == (0, 0.5, 1)
     assert lab.unconditional("REPA uncond.") and not lab.unconditional("REPA")
