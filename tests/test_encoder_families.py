@@ -286,7 +286,7 @@ def test_train_with_two_encoders_and_sample_and_resume_read_them_back(prepared, 
     rebuilt = sample.build_model(ckpt, sample.get_args(["--ckpt", path]))[0]
     assert rebuilt.enc_type == "clip-vit-L,mocov3-vit-b" and len(rebuilt.projectors) == 2
     with pytest.raises(UserError, match="written by a run with --enc-type clip-vit-L,mocov3-vit-b and this run has "
-                                        "clip-vit-L; resume with --enc-type clip-vit-L,mocov3-vit-b"):
+                                        "--enc-type clip-vit-L; resume with --enc-type clip-vit-L,mocov3-vit-b"):
         train_3_steps(prepared, tmp_path, "clip-vit-L", "--max-train-steps", "4")
 
 
