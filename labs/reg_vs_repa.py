@@ -1,12 +1,14 @@
 """Lab: does entangling one semantic token make a diffusion transformer learn faster? SiT, SiT + REPA
-and SiT + REG (REG arXiv 2507.01467, Table 1) at a scale anyone can run, on the built-in hard shapes;
-and what REG's token must carry to beat REPA (REG Tables 5 and 6), with a second teacher.
+and SiT + REG (REG arXiv 2507.01467, Table 1) at a scale anyone can run, on the real digits (CPU) or
+the built-in hard shapes (GPU); and what REG's token must carry to beat REPA (REG Tables 5 and 6),
+with a second teacher, on the hard shapes.
 
-    python labs/reg_vs_repa.py                        # CPU, 2 cores: SiT, REPA, REG, with and without labels
+    python labs/reg_vs_repa.py                        # CPU, 2 cores: SiT, REPA, REG, with and without labels (8x8 digits)
+    python labs/reg_vs_repa.py --data hard            # CPU: the same on the 16x16 hard shapes (200 steps: at chance)
     python labs/reg_vs_repa.py --study tokens         # CPU: the token study (the rich teacher, Table 5 and 6 arms)
-    python labs/reg_vs_repa.py --device cuda          # one GPU: a larger world and SiT, more steps and samples
+    python labs/reg_vs_repa.py --device cuda          # one GPU: 32x32 hard shapes, a larger SiT, more steps and samples
 
-Every arm is `python train.py --builtin hard --enc-type builtin-vit ...` through train.main, with
+Every arm is `python train.py --builtin <data> --enc-type builtin-vit ...` through train.main, with
 the same seeds and settings except its teacher and its own flags (ARMS): --cls-coeff 0 for REPA,
 --cls-coeff 0 --proj-coeff 0 for plain SiT, --cls-target for the token variants of Table 5,
 --proj-coeff 0 with the token for Table 6, and --cfg-prob 1 for the unconditional arms (the label

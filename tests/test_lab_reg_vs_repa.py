@@ -100,7 +100,7 @@ def test_the_cpu_default_is_the_digits_and_the_token_studies_keep_the_hard_shape
     assert parsed.builtin == "digits" and parsed.resolution == args.scale["resolution"]
     assert parsed.enc_path.endswith(f"encoder-label-digits-{args.scale['resolution']}px-p2.pt")
     assert lab.evaluator_file(args).endswith(f"evaluator-digits-{args.scale['resolution']}px.pt")
-    assert lab.get_args(["--study", "tokens"]).data == "hard" and lab.get_args(["--device", "cuda"]).data == "hard"
+    assert lab.get_args(["--study", "tokens"]).data == "hard" and lab.DEFAULT_DATA["cuda"] == "hard"
     with pytest.raises(SystemExit):  # the rich teacher needs the hard shapes' attributes
         lab.get_args(["--study", "tokens", "--data", "digits"])
     assert "give --data hard" in capsys.readouterr().err
