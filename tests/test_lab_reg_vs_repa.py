@@ -40,7 +40,7 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     monkeypatch.setitem(data.BUILTIN_DATASETS, "hard",  # small, same kind
                         lambda num_images=64, resolution=32, seed=0: data.HardShapes(min(num_images, 64), resolution, seed))
     out = tmp_path / "lab"
-    lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
+    lab.main(lab.get_args(["--data", "hard", "--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
                            "--toy-dir", str(toy_dir), "--parallel", "1"]))
 
     assert [(a.exp_name, a.seed) for a in received] == [(lab.run_name(arm, 0), 0) for arm in lab.DEFAULT_ARMS]
@@ -57,7 +57,7 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
 
     results = json.loads((out / "results.json").read_text())
     assert set(results["final"]) == set(lab.DEFAULT_ARMS)
-    assert results["command"] == f"python labs/reg_vs_repa.py --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir} --parallel 1"
+    assert results["command"] == f"python labs/reg_vs_repa.py --data hard --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir} --parallel 1"
     assert len(results["curves"]["REG"]) == 1 and [r["step"] for r in results["curves"]["REG"][0]] == [1, 2]
     assert results["final"]["REG"]["fid"]["seeds"] == [run[-1]["fid"] for run in results["curves"]["REG"]]
     assert results["final"]["REG uncond."].get("accuracy") is None and "top_class_share" in results["final"]["REG uncond."]
@@ -70,7 +70,7 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
 
     # The same command again trains nothing: each run's scores were kept with their flags.
     received.clear()
-    lab.main(lab.get_args(["--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
+    lab.main(lab.get_args(["--data", "hard", "--seeds", "1", "--steps", "2", "--samples", "20", "--out", str(out),
                            "--toy-dir", str(toy_dir), "--parallel", "1"]))
     assert received == [] and json.loads((out / "results.json").read_text())["final"] == results["final"]
 
@@ -88,9 +88,22 @@ def test_token_study_arms_differ_from_reg_with_the_rich_teacher_only_in_their_ow
             differ = {k: v for k, v in vars(parsed[name]).items() if vars(parsed["REG rich"])[k] != v and k != "exp_name"}
             assert differ == flags, name
             assert parsed[name].enc_path.endswith("encoder-rich-16px-p4.pt")
-    main = train.get_args(lab.train_argv(lab.get_args([]), "REPA", 0))  # the label teacher's REPA: the teacher apart
+    main = train.get_args(lab.train_argv(lab.get_args(["--data", "hard"]), "REPA", 0))  # the label teacher's REPA: the teacher apart
     assert {k for k, v in vars(main).items() if vars(parsed["REPA rich"])[k] != v} == {"enc_path", "exp_name",
                                                                                         "output_dir"}
+
+
+def test_the_cpu_default_is_the_digits_and_the_token_studies_keep_the_hard_shapes(capsys):
+    args = lab.get_args([])  # the plain CPU command: the real digits at the digits' CPU scale
+    parsed = train.get_args(lab.train_argv(args, "REG", 0))
+    assert args.data == "digits" and args.scale == lab.SCALES["cpu", "digits"]
+    assert parsed.builtin == "digits" and parsed.resolution == args.scale["resolution"]
+    assert parsed.enc_path.endswith(f"encoder-label-digits-{args.scale['resolution']}px-p2.pt")
+    assert lab.evaluator_file(args).endswith(f"evaluator-digits-{args.scale['resolution']}px.pt")
+    assert lab.get_args(["--study", "tokens"]).data == "hard" and lab.DEFAULT_DATA["cuda"] == "hard"
+    with pytest.raises(SystemExit):  # the rich teacher needs the hard shapes' attributes
+        lab.get_args(["--study", "tokens", "--data", "digits"])
+    assert "give --data hard" in capsys.readouterr().err
 
 
 def test_unconditional_arm_trains_and_samples_with_the_null_label_only():
