@@ -33,18 +33,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def randomized(module, seed=0):
-    """`module` with every parameter redrawn, so that norms, biases and embeddings all matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return module
-
-
-def images(n, size, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8)
+from test_encoder import images, randomized  # noqa: E402  (random weights and images, as there)
 
 
 def official_preprocess(x, enc_type):
