@@ -6,6 +6,7 @@ with a second teacher, on the hard shapes.
     python labs/reg_vs_repa.py                        # CPU, 2 cores: SiT, REPA, REG, with and without labels (8x8 digits)
     python labs/reg_vs_repa.py --data hard            # CPU: the same on the 16x16 hard shapes (200 steps: at chance)
     python labs/reg_vs_repa.py --study tokens         # CPU: the token study (the rich teacher, Table 5 and 6 arms)
+    python labs/reg_vs_repa.py --study variants       # CPU: Table 5 and 6 arms on the digits, label teacher
     python labs/reg_vs_repa.py --device cuda          # one GPU: 32x32 hard shapes, a larger SiT, more steps and samples
 
 Every arm is `python train.py --builtin <data> --enc-type builtin-vit ...` through train.main, with
@@ -19,7 +20,7 @@ toy.py when their files are missing and cached under runs/toy/. The EMA of every
 sampled with flow.sample_sit (no guidance, the paper's protocol) and scored by toy.toy_metrics
 against held-out images.
 
-Outputs in --out (default runs/labs/reg_vs_repa, or runs/labs/reg_vs_repa-tokens): results.json
+Outputs in --out (default runs/labs/reg_vs_repa, or runs/labs/reg_vs_repa-<study>): results.json
 (with the time and the machine's load average before and after), results.md (mean +- std over
 seeds, the command, the teachers' linear probes per attribute), curves.png (toy FID and conditional
 accuracy against steps, one curve per arm, band = min..max over seeds), steering.png (does REG's
@@ -63,6 +64,11 @@ BASE_ARMS = {
     "REG rich, learned token": ("rich", ["--cls-target", "learned"]),  # REG Table 5
     "REG rich, latent mean": ("rich", ["--cls-target", "latent-mean"]),  # REG Table 5
     "REG rich, no alignment": ("rich", ["--proj-coeff", "0"]),  # REG Table 6: the token without REPA
+    # The same variants with the label teacher: the only teacher of a world without attributes (the digits).
+    "REG, patch mean": ("label", ["--cls-target", "patch-mean"]),
+    "REG, learned token": ("label", ["--cls-target", "learned"]),
+    "REG, latent mean": ("label", ["--cls-target", "latent-mean"]),
+    "REG, no alignment": ("label", ["--proj-coeff", "0"]),
 }
 ARMS = {**BASE_ARMS, **{f"{arm} uncond.": (teacher, [*flags, "--cfg-prob", "1"])
                         for arm, (teacher, flags) in BASE_ARMS.items()}}
@@ -70,10 +76,14 @@ ARMS = {**BASE_ARMS, **{f"{arm} uncond.": (teacher, [*flags, "--cfg-prob", "1"])
 # that the token's own effect without labels (REG uncond. against REPA uncond.) is measured too.
 # "tokens": what REG's token must carry to beat REPA (REG Tables 5 and 6) with the rich teacher;
 # "tokens-uncond": the same arms without labels (two commands, so that each fits 15 minutes on 2 cores).
+# "variants" (and "-uncond"): Tables 5 and 6 with the label teacher, in a world without attributes
+# (the CPU's digits, where the accuracy leaves chance); the main study gives their SiT, REPA and REG.
 STUDIES = {
     "main": ["SiT", "REPA", "REG", "SiT uncond.", "REPA uncond.", "REG uncond."],
     "tokens": [arm for arm in BASE_ARMS if "rich" in arm],
     "tokens-uncond": [f"{arm} uncond." for arm in BASE_ARMS if "rich" in arm],
+    "variants": [arm for arm in BASE_ARMS if arm.startswith("REG, ")],
+    "variants-uncond": [f"{arm} uncond." for arm in BASE_ARMS if arm.startswith("REG, ")],
 }
 DEFAULT_ARMS = STUDIES["main"]
 PALETTE = [(120, 120, 120), (31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189),
@@ -108,13 +118,14 @@ def get_args(argv=None):
     p.add_argument("--data", default=None, choices=["digits", "hard"], help="the world: the real digits or the hard "
                    "shapes; none: the hard shapes for the token studies, else the device's (DEFAULT_DATA)")
     p.add_argument("--seeds", type=number(int, 1), default=3, help="seeds per arm (0, 1, ...)")
-    p.add_argument("--study", default="main", choices=sorted(STUDIES), help="which arms (STUDIES): main, or "
-                   "tokens (the teachers and REG's token variants)")
+    p.add_argument("--study", default="main", choices=sorted(STUDIES), help="which arms (STUDIES): main; tokens "
+                   "(the rich teacher and REG's token variants); variants (the token variants, label teacher); "
+                   "each but main also -uncond (without labels)")
     p.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="which arms; none: the study's")
     p.add_argument("--steps", type=number(int, 1), default=None, help="training steps per run; none: the scale's")
     p.add_argument("--samples", type=number(int, 4), default=None, help="samples per evaluation; none: the scale's")
     p.add_argument("--out", default=None, help="output folder; none: runs/labs/reg_vs_repa (main) or "
-                   "runs/labs/reg_vs_repa-tokens")
+                   "runs/labs/reg_vs_repa-<study>")
     p.add_argument("--toy-dir", default="runs/toy", help="where the teacher and the evaluator are cached")
     p.add_argument("--parallel", type=number(int, 1), default=None, help="runs at once, each in its own process; "
                    "none: the scale's")

@@ -93,6 +93,21 @@ def test_token_study_arms_differ_from_reg_with_the_rich_teacher_only_in_their_ow
                                                                                         "output_dir"}
 
 
+def test_variants_study_differs_from_the_main_studys_reg_only_in_each_variants_flag():
+    args = lab.get_args(["--study", "variants"])  # Tables 5 and 6 with the label teacher, on the CPU's digits
+    assert args.data == "digits" and args.out.endswith("reg_vs_repa-variants") and len(args.arms) == 4
+    reg = vars(train.get_args(lab.train_argv(lab.get_args([]), "REG", 0)))  # the main study's REG
+    own = {"REG, patch mean": {"cls_target": "patch-mean"}, "REG, learned token": {"cls_target": "learned"},
+           "REG, latent mean": {"cls_target": "latent-mean"}, "REG, no alignment": {"proj_coeff": 0}}
+    assert set(own) == set(args.arms)
+    for study, extra in (("variants", {}), ("variants-uncond", {"cfg_prob": 1})):
+        args = lab.get_args(["--study", study])
+        for arm in args.arms:
+            parsed = vars(train.get_args(lab.train_argv(args, arm, 0)))
+            differ = {k: v for k, v in parsed.items() if reg[k] != v and k not in ("exp_name", "output_dir")}
+            assert differ == {**own[arm.removesuffix(" uncond.")], **extra}, arm
+
+
 def test_the_cpu_default_is_the_digits_and_the_token_studies_keep_the_hard_shapes(capsys):
     args = lab.get_args([])  # the plain CPU command: the real digits at the digits' CPU scale
     parsed = train.get_args(lab.train_argv(args, "REG", 0))
