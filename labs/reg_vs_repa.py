@@ -487,7 +487,7 @@ def main(args):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown + (f"\nsteering ({steer['arm']}): {steer}\n" if steer else "") +
-          f"\ncurves.png, steering.png, results.json and results.md in {args.out}")
+          f"\ncurves.png, {'steering.png, ' if steer else ''}results.json and results.md in {args.out}")
 
 
 if __name__ == "__main__":
