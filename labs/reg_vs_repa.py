@@ -396,6 +396,9 @@ def one_run(args, arm, seed, evaluator, reference, start):
     with open(path + ".tmp", "w") as f:
         json.dump({"train_argv": argv, "rows": rows}, f)
     os.replace(path + ".tmp", path)  # whole or absent: an interrupted lab redoes this run
+    ckpt_dir = os.path.join(args.out, "runs", run_name(arm, seed), "checkpoints")
+    for name in sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt"))[:-1]:  # scored: only the last is read again (steering); on the GPU
+        os.remove(os.path.join(ckpt_dir, name))    # scale each checkpoint is 0.5 GB, 18 runs x 5 would fill a disk
     print(f"[lab] {arm}, seed {seed}: {rows[-1]}", flush=True)
 
 

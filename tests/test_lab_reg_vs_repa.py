@@ -59,6 +59,7 @@ def test_lab_runs_every_arm_through_train_py_with_only_its_own_flags_and_writes_
     assert set(results["final"]) == set(lab.DEFAULT_ARMS)
     assert results["command"] == f"python labs/reg_vs_repa.py --data hard --seeds 1 --steps 2 --samples 20 --out {out} --toy-dir {toy_dir} --parallel 1"
     assert len(results["curves"]["REG"]) == 1 and [r["step"] for r in results["curves"]["REG"][0]] == [1, 2]
+    assert sorted(os.listdir(out / "runs" / "REG-seed0" / "checkpoints")) == ["0000002.pt"]  # scored: the last kept
     assert results["final"]["REG"]["fid"]["seeds"] == [run[-1]["fid"] for run in results["curves"]["REG"]]
     assert results["final"]["REG uncond."].get("accuracy") is None and "top_class_share" in results["final"]["REG uncond."]
     assert results["steering"]["arm"] == "REG uncond." and "other token: colour nearer the donor's" in results["steering"]
