@@ -93,7 +93,7 @@ COLOURS.update({f"{arm} uncond.": tuple(c // 2 + 64 for c in colour) for arm, co
 # The scale of each device and world (--data): the world's resolution, the SiT, its training and its
 # evaluation, the teachers' and the scorer's pretraining, and how many runs go at once. A SiT-S/4 step at
 # batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the cuda scales run all
-# their runs side by side in their own processes. The 2-core CPU scales are smaller: two runs at a time,
+# their runs side by side in their own processes (a study's 18 runs: 67 GB of GPU memory, measured). The 2-core CPU scales are smaller: two runs at a time,
 # one thread each. On the hard shapes (16x16, SiT-T/4, 200 steps; a step costs about 0.3 s of one core)
 # every arm stays at chance accuracy; the real digits (data.Digits) at 8x8 are learned within the
 # CPU budget, so they are the CPU default (README, the lab, says how each was sized).
@@ -103,10 +103,10 @@ SCALES = {
     ("cpu", "hard"): dict(resolution=16, model="SiT-T/4", steps=200, evals=2, batch=64, lr=1e-3, samples=200,
                           sample_steps=10, teacher_images=3000, teacher_epochs=4, evaluator_epochs=4, parallel=2),
     ("cuda", "hard"): dict(resolution=32, model="SiT-S/4", steps=1000, evals=5, batch=128, lr=5e-4, samples=1000,
-                           sample_steps=40, teacher_images=5000, teacher_epochs=5, evaluator_epochs=4, parallel=15),
+                           sample_steps=40, teacher_images=5000, teacher_epochs=5, evaluator_epochs=4, parallel=18),
     # Not measured: the hard shapes' GPU settings on the digits (their 3,000 training images, 1,000 to score).
     ("cuda", "digits"): dict(resolution=32, model="SiT-S/4", steps=1000, evals=5, batch=128, lr=5e-4, samples=1000,
-                             sample_steps=40, teacher_images=3000, teacher_epochs=5, evaluator_epochs=8, parallel=15),
+                             sample_steps=40, teacher_images=3000, teacher_epochs=5, evaluator_epochs=8, parallel=18),
 }
 # The world of the plain command on each device (the token studies need the hard shapes' attributes).
 DEFAULT_DATA = {"cpu": "digits", "cuda": "hard"}
