@@ -93,9 +93,9 @@ COLOURS.update({f"{arm} uncond.": tuple(c // 2 + 64 for c in colour) for arm, co
 # The scale of each device and world (--data): the world's resolution, the SiT, its training and its
 # evaluation, the teachers' and the scorer's pretraining, and how many runs go at once. A SiT-S/4 step at
 # batch 128 is launch-bound on an H200 (about 55 ms, the GPU mostly idle), so the cuda scales run all
-# their runs side by side in their own processes (a study's 18 runs: 67 GB of GPU memory, measured). The 2-core CPU scales are smaller: two runs at a time,
-# one thread each. On the hard shapes (16x16, SiT-T/4, 200 steps; a step costs about 0.3 s of one core)
-# every arm stays at chance accuracy; the real digits (data.Digits) at 8x8 are learned within the
+# their runs side by side in their own processes (a study's 18 runs: 67 GB of GPU memory, measured).
+# The 2-core CPU scales are smaller: two runs at a time, one thread each. On the hard shapes (16x16,
+# SiT-T/4, 200 steps; a step costs about 0.3 s of one core) every arm stays at chance accuracy; the real digits (data.Digits) at 8x8 are learned within the
 # CPU budget, so they are the CPU default (README, the lab, says how each was sized).
 SCALES = {
     ("cpu", "digits"): dict(resolution=8, model="SiT-T/2", steps=400, evals=4, batch=32, lr=1e-3, samples=200,
@@ -237,12 +237,17 @@ def generate(model, indices, seed, unconditional, device, steps, batch_size=500,
     return torch.cat(images), torch.cat(labels)
 
 
+def checkpoints(run_dir):
+    """A run's checkpoint files, by step (train.py names them by the zero-padded step)."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    return [os.path.join(ckpt_dir, f) for f in sorted(os.listdir(ckpt_dir)) if f.endswith(".pt")]
+
+
 def evaluate_run(run_dir, unconditional, evaluator, reference, args, device):
     """toy_metrics of the EMA at every checkpoint of a run -> [{step, fid, precision, recall, accuracy}]."""
     rows = []
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    for name in sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt")):
-        model, _ = load_ema(os.path.join(ckpt_dir, name), device)
+    for path in checkpoints(run_dir):
+        model, _ = load_ema(path, device)
         samples, labels = generate(model, range(args.scale["samples"]), 10_000, unconditional, device,
                                    args.scale["sample_steps"])
         numbers = toy.toy_metrics(evaluator, samples, labels, reference)
@@ -250,7 +255,7 @@ def evaluate_run(run_dir, unconditional, evaluator, reference, args, device):
             numbers["accuracy"] = None
             numbers["top_class_share"] = torch.bincount(evaluator(samples.to(device))[1].argmax(1), minlength=10
                                                         ).max().item() / len(samples)
-        rows.append({"step": int(name[:-3]), **numbers})
+        rows.append({"step": int(os.path.basename(path)[:-3]), **numbers})
     return rows
 
 
@@ -391,14 +396,15 @@ def one_run(args, arm, seed, evaluator, reference, start):
         return
     print(f"[lab {time.time() - start:.0f} s] {arm}, seed {seed}: python train.py {' '.join(argv)}", flush=True)
     train.main(train.get_args(argv))
-    rows = evaluate_run(os.path.join(args.out, "runs", run_name(arm, seed)), unconditional(arm), evaluator, reference,
-                        args, torch.device(args.device))
+    run_dir = os.path.join(args.out, "runs", run_name(arm, seed))
+    rows = evaluate_run(run_dir, unconditional(arm), evaluator, reference, args, torch.device(args.device))
     with open(path + ".tmp", "w") as f:
         json.dump({"train_argv": argv, "rows": rows}, f)
     os.replace(path + ".tmp", path)  # whole or absent: an interrupted lab redoes this run
-    ckpt_dir = os.path.join(args.out, "runs", run_name(arm, seed), "checkpoints")
-    for name in sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".pt"))[:-1]:  # scored: only the last is read again (steering); on the GPU
-        os.remove(os.path.join(ckpt_dir, name))    # scale each checkpoint is 0.5 GB, 18 runs x 5 would fill a disk
+    # Scored: only the last checkpoint is read again (steering). At the GPU scale each is 0.5 GB, and
+    # 18 runs side by side keeping all five filled a 64 GB disk.
+    for path_ in checkpoints(run_dir)[:-1]:
+        os.remove(path_)
     print(f"[lab] {arm}, seed {seed}: {rows[-1]}", flush=True)
 
 
