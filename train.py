@@ -170,6 +170,8 @@ def check_args(p, args):
     # CAR-Flow's shifts its correction would have to be taken on the unshifted pair, which is not done.
     if args.target == "closed-form" and args.car != "none":
         p.error(f"--target closed-form does not combine with --car {args.car}; use one of them")
+    if args.cls_target != "cls" and args.cls_coeff == 0:  # --cls-coeff 0 removes the slot it would fill
+        p.error(f"--cls-target {args.cls_target} needs REG's token slot, which --cls-coeff 0 removes; give --cls-coeff > 0")
     if args.eval_every:
         try:  # the reference batch's layout, from its headers alone
             evaluate.check_npz(args.eval_ref, reference=True, sizes=evaluate.FEATURE_SIZES)
@@ -312,7 +314,7 @@ def resume(args, ckpt_dir, model, ema, opt, scaler):
     if missing:
         raise UserError(f"{path} is not a checkpoint that train.py can resume from (it has no {', '.join(missing)}); "
                         f"move it out of {ckpt_dir}, or use another --exp-name for a new run")
-    for flag, default in (("model", None), ("enc_type", None), ("car", "none")):  # --car: none before it existed
+    for flag, default in (("model", None), ("enc_type", None), ("car", "none"), ("cls_target", "cls")):  # older: defaults
         theirs, ours = getattr(ckpt["args"], flag, default), getattr(args, flag)
         if theirs != ours:
             name = "--" + flag.replace("_", "-")
@@ -355,11 +357,9 @@ def due(step, every, last_step):
 
 def write_checkpoint(path, step, model, ema, opt, scaler, args, config, processes):
     """Every process contributes its RNG state (for an exact resume); the master writes the file."""
-    rngs = [None] * processes.world_size
+    rngs = [rng_state(processes.device)] * processes.world_size  # (world_size,): under DDP, gathered
     if processes.world_size > 1:
-        dist.all_gather_object(rngs, rng_state(processes.device))
-    else:
-        rngs = [rng_state(processes.device)]
+        dist.all_gather_object(rngs, rngs[0])
     if processes.master:
         save_checkpoint(path, {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                "scaler": scaler.state_dict(), "args": args, "steps": step, "rng": rngs,

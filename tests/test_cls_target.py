@@ -5,8 +5,11 @@ import pytest
 import torch
 
 import flow
+import train
 from flow import token_target, training_loss
 from model import SiT
+from test_train import TINY
+from util import UserError
 
 C, Z, D, T = 3, 16, 32, 16  # latent channels, encoder width, SiT width, patch tokens (8x8, patch 2)
 
@@ -107,3 +110,17 @@ def test_samplers_start_no_token_for_a_slot_without_input():
     x, y, _, _, _ = batch()
     z, cls = flow.sample_sde(model, x, y, None, steps=3, null_label=10)
     assert z.shape == x.shape and cls is None
+
+
+def test_a_token_variant_without_the_slot_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stop:  # --cls-coeff 0 removes the slot, so the variant would be ignored
+        train.get_args(["--cls-target", "patch-mean", "--cls-coeff", "0"])
+    assert stop.value.code == 2 and "--cls-target patch-mean needs REG's token slot" in capsys.readouterr().err
+
+
+def test_resuming_with_another_token_variant_is_a_one_line_user_error(tmp_path):
+    # cls and patch-mean build the same network: without the check the run would switch targets silently.
+    train.main(train.get_args(["--output-dir", str(tmp_path), *TINY, "--max-train-steps", "1"]))
+    with pytest.raises(UserError, match="--cls-target cls and this run has --cls-target patch-mean; resume with"):
+        train.main(train.get_args(["--output-dir", str(tmp_path), *TINY, "--max-train-steps", "2",
+                                   "--cls-target", "patch-mean"]))
