@@ -181,12 +181,19 @@ def probe_table(net, variant="hard", resolution=32, num_images=2000):
     f_train = torch.cat([(f_train - mean) / std, torch.ones(len(f_train), 1, dtype=f_train.dtype)], 1)
     f_test = torch.cat([(f_test - mean) / std, torch.ones(len(f_test), 1, dtype=f_test.dtype)], 1)
     a_train, a_test = attributes(variant, "train", num_images, resolution), attributes(variant, "reference", num_images, resolution)
-    ridge = 1e-2 * len(f_train) * torch.eye(f_train.shape[1], dtype=f_train.dtype)
     for name in a_train:
-        w = torch.linalg.solve(f_train.T @ f_train + ridge, f_train.T @ a_train[name].double())  # (z_dim + 1, k)
-        error = (f_test @ w - a_test[name].double()).square().sum(0)
-        table[name] = (1 - error / (a_test[name].double() - a_test[name].double().mean(0)).square().sum(0)).mean().item()
+        _, table[name] = ridge_fit(f_train, a_train[name].double(), f_test, a_test[name].double(), ridge=1e-2)
     return table
+
+
+def ridge_fit(f_fit, a_fit, f_test, a_test, ridge):
+    """Ridge regression of an attribute a (N, k) on features f (N, F), a bias column included:
+    -> its weights (F, k) and their held-out R^2 = 1 - squared error / variance, the mean over the
+    attribute's k components (0 is what a constant guess scores). ridge is per fitted image."""
+    eye = ridge * len(f_fit) * torch.eye(f_fit.shape[1], dtype=f_fit.dtype)
+    w = torch.linalg.solve(f_fit.T @ f_fit + eye, f_fit.T @ a_fit)  # (F, k)
+    error = (f_test @ w - a_test).square().sum(0)
+    return w, (1 - error / (a_test - a_test.mean(0)).square().sum(0)).mean().item()
 
 
 # ----------------------------------------------------------------------------- the evaluator
@@ -271,13 +278,9 @@ class AttributeReader:
         fit, test = (images(variant, role, num_images, resolution)[0] for role in ("evaluator", "reference"))
         f_fit, f_test = self.features(fit), self.features(test)
         a_fit, a_test = (attributes(variant, role, num_images, resolution) for role in ("evaluator", "reference"))
-        eye = ridge * len(f_fit) * torch.eye(f_fit.shape[1], dtype=f_fit.dtype)
         self.weights, self.r2 = {}, {}
         for name in a_fit:
-            self.weights[name] = torch.linalg.solve(f_fit.T @ f_fit + eye, f_fit.T @ a_fit[name].double())
-            error = (f_test @ self.weights[name] - a_test[name].double()).square().sum(0)
-            total = (a_test[name].double() - a_test[name].double().mean(0)).square().sum(0)
-            self.r2[name] = (1 - error / total).mean().item()
+            self.weights[name], self.r2[name] = ridge_fit(f_fit, a_fit[name].double(), f_test, a_test[name].double(), ridge)
         self.scale = {name: a_fit[name].double().std(0) for name in a_fit}  # to compare attributes in std units
 
     @torch.no_grad()
