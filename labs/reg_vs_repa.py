@@ -173,8 +173,10 @@ def encoder_file(args, teacher):
 
 
 def evaluator_file(args):
-    """The cached scorer's file of this world at this scale's resolution."""
-    return os.path.join(args.toy_dir, f"evaluator-{world(args)}{args.scale['resolution']}px.pt")
+    """The cached scorer's file of this world at this scale's resolution and training epochs: named by
+    all three, since another lab (labs/common.py) caches its own scorer of the same world in runs/toy."""
+    s = args.scale
+    return os.path.join(args.toy_dir, f"evaluator-{world(args)}{s['resolution']}px-{s['evaluator_epochs']}ep.pt")
 
 
 def world(args):

@@ -23,7 +23,7 @@ def toy_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("toy")
     toy.train_encoder(str(folder / "encoder-label-16px-p4.pt"), num_images=100, epochs=1, probe_images=100,
                       resolution=16, patch_size=4, z_dim=32, depth=1, num_heads=1)
-    toy.train_evaluator(str(folder / "evaluator-16px.pt"), num_images=100, epochs=1, width=8, sanity_images=50,
+    toy.train_evaluator(str(folder / "evaluator-16px-4ep.pt"), num_images=100, epochs=1, width=8, sanity_images=50,
                         resolution=16)
     return folder
 
@@ -115,7 +115,9 @@ def test_the_cpu_default_is_the_digits_and_the_token_studies_keep_the_hard_shape
     assert args.data == "digits" and args.scale == lab.SCALES["cpu", "digits"]
     assert parsed.builtin == "digits" and parsed.resolution == args.scale["resolution"]
     assert parsed.enc_path.endswith(f"encoder-label-digits-{args.scale['resolution']}px-p2.pt")
-    assert lab.evaluator_file(args).endswith(f"evaluator-digits-{args.scale['resolution']}px.pt")
+    assert lab.evaluator_file(args).endswith(f"evaluator-digits-{args.scale['resolution']}px-8ep.pt")
+    # Not the memorization lab's scorer of the same world (trained for another number of epochs).
+    assert os.path.basename(lab.evaluator_file(args)) != os.path.basename(lab.common.evaluator_path("digits", 8))
     assert lab.get_args(["--study", "tokens"]).data == "hard" and lab.DEFAULT_DATA["cuda"] == "hard"
     with pytest.raises(SystemExit):  # the rich teacher needs the hard shapes' attributes
         lab.get_args(["--study", "tokens", "--data", "digits"])
