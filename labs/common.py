@@ -1,8 +1,10 @@
-"""What the closed-form and memorization labs share: sampling a train.py checkpoint with sample.py's
-own functions, the sample-quality measure, the plots of summaries (plot.py), the markdown table, and the
-clock that writes a lab's wall time, CPU time and the machine's load into its results.
+"""What the labs share: sampling a train.py checkpoint with sample.py's own functions, the
+sample-quality measure, the plots of summaries (plot.py), the markdown table, the workers that run a
+lab's runs side by side, and the clock that writes a lab's wall time, CPU time and the machine's load
+into its results.
 
-Not an experiment: labs/closed_form.py and labs/memorization.py import it.
+Not an experiment: closed_form.py and memorization.py use all of it; reg_vs_repa.py and reals.py the
+workers, the GPU check and the clock.
 """
 import json
 import math

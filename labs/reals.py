@@ -25,9 +25,7 @@ import resource
 import shlex
 import statistics
 import sys
-import time
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -218,7 +216,7 @@ def tables(vaes, results, args, seconds, cpu_seconds, load):
     for latent, f in vaes.items():
         lines.append(f"| {latent} (align {LATENTS[latent]:g}) | {f['psnr']:.2f} | {f['recon_fid']:.3g} | "
                      f"{f['probe_accuracy']:.3f} | {f['scaling_factor']:.4g} | {f['seconds']:.0f} |")
-    lines += ["", f"| latent space | arm | step | toy FID | precision | recall | cond. accuracy |",
+    lines += ["", "| latent space | arm | step | toy FID | precision | recall | cond. accuracy |",
               "|---|---|---|---|---|---|---|"]
     final = {}
     for (latent, arm), runs in results.items():
@@ -252,7 +250,7 @@ def plot(results, path):
 # ----------------------------------------------------------------------------- the phases
 
 def main(args):
-    start, load_before = time.time(), os.getloadavg()
+    clock = common.Clock()  # wall and CPU time, load before and after
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     device = torch.device(args.device)
 
@@ -291,23 +289,20 @@ def main(args):
             results.setdefault((job["latent"], job["arm"]), []).append(json.load(f)["rows"])
 
     # Outputs: the plot, the tables, every number.
-    seconds, load = time.time() - start, (load_before, os.getloadavg())
-    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-    cpu_seconds = sum(u.ru_utime + u.ru_stime for u in usage)
+    timing = clock.record()
     old = os.path.join(args.out, "results.json")
     if not trained and os.path.isfile(old):  # a rerun that only redrew: keep the timing of the run that trained
         with open(old) as f:
-            timing = json.load(f)
-        seconds, cpu_seconds, load = timing["seconds"], timing["cpu_seconds"], (timing["loadavg_before"],
-                                                                                timing["loadavg_after"])
+            saved = json.load(f)
+        timing.update({k: saved[k] for k in timing if k in saved})
     plot(results, os.path.join(args.out, "curves.png"))
-    final, markdown = tables(vaes, results, args, seconds, cpu_seconds, (load[0][0], load[1][0]))
+    final, markdown = tables(vaes, results, args, timing["seconds"], timing["cpu_seconds"],
+                             (timing["loadavg_before"][0], timing["loadavg_after"][0]))
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": args.command, "scale": args.scale, "seeds": args.seeds, "align_coeff": ALIGN_COEFF,
                    "kl_coeff": toy.KL_COEFF, "vaes": vaes, "final": final,
                    "curves": {f"{latent} {arm}": runs for (latent, arm), runs in results.items()},
-                   "seconds": seconds, "cpu_seconds": cpu_seconds, "loadavg_before": load[0],
-                   "loadavg_after": load[1], "cpu_count": os.cpu_count()}, f, indent=1)
+                   **timing}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown + f"\ncurves.png, results.json and results.md in {args.out}")

@@ -442,7 +442,7 @@ def probe_markdown(probes):
 
 def main(args):
     device = torch.device(args.device)
-    start, load_before = time.time(), os.getloadavg()
+    clock = common.Clock()  # wall and CPU time, load before and after
     os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     command = args.command
 
@@ -460,7 +460,7 @@ def main(args):
         finished(job["out_json"], train_argv(args, job["arm"], job["seed"]))
     if args.scale["parallel"] == 1:
         for job in jobs:
-            one_run(args, job["arm"], job["seed"], evaluator, reference, start)
+            one_run(args, job["arm"], job["seed"], evaluator, reference, clock.start)
     else:
         print(f"[lab] {len(jobs)} runs, {args.scale['parallel']} at a time; logs in {args.out}/runs/*.json.log", flush=True)
         common.run_workers(os.path.abspath(__file__), jobs, args.scale["parallel"])
@@ -489,12 +489,12 @@ def main(args):
     final, markdown = tables(results, command)
     markdown += "\nLinear probes on each teacher's class token (held out; chance: class 0.10, R² 0):\n\n" + \
         probe_markdown(probes) if all(probes.values()) else ""
-    seconds, load_after = time.time() - start, os.getloadavg()
-    markdown += f"\n{seconds:.0f} s; load average (1, 5, 15 min) before {load_before}, after {load_after}\n"
+    timing = clock.record()
+    markdown += (f"\n{timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} CPU-seconds on {timing['cores']} cores; "
+                 f"load average (1, 5, 15 min) before {timing['loadavg_before']}, after {timing['loadavg_after']}\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "scale": args.scale, "seeds": args.seeds, "final": final, "curves": results,
-                   "probes": probes, "steering": steer, "seconds": seconds, "loadavg_before": load_before,
-                   "loadavg_after": load_after, "cpus": os.cpu_count()}, f, indent=1)
+                   "probes": probes, "steering": steer, **timing}, f, indent=1)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(markdown)
     print(markdown + (f"\nsteering ({steer['arm']}): {steer}\n" if steer else "") +
