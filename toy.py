@@ -30,7 +30,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

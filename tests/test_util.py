@@ -1,6 +1,4 @@
 """Specification of util.py: one-line user errors, --help with defaults, processes, images out."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest

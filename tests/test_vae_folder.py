@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import data
-import encoder
 import sample
 import train
 from encoder import AutoencoderKL, load_vae, save_vae_folder
