@@ -16,7 +16,7 @@ scale too, z_1 = s0(y) eps + mu0(y) and z_0 = s1(y) x + mu1(y), and the scales r
 the loss has a zero-cost minimum. Writes a PNG, a JSON and a markdown table to --out.
 The default is the paper's length, 50,000 steps, and the table stands beside its Table 2. CPU only
 (a 2K-parameter MLP gains nothing from a GPU); each command spreads its runs over --workers
-processes, and writes its wall time and the machine's load (os.getloadavg before and after) into
+processes, and writes its wall and CPU time and the machine's load (common.Clock) into
 the JSON (times: README.md, "CAR-Flow"):
     python labs/carflow_1d.py                  # -> labs/results/carflow_1d/cpu/arms.{png,json,md}
     python labs/carflow_1d.py --learn-scale --steps 3000 --eval-every 100   # -> .../cpu/collapse.{png,json,md}
@@ -26,12 +26,12 @@ import math
 import multiprocessing
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402  (it puts the repository on the path)
 from flow import sample_ode, training_loss  # noqa: E402
 from plot import line_plot  # noqa: E402
 from util import ArgumentParser, number  # noqa: E402
@@ -192,7 +192,7 @@ def plot(runs, keys, path, title, shifts=False):
     line_plot(panels, path, width=760, height=240, title=title)
 
 
-def report(runs, args, seconds, load):
+def report(runs, args, cost):
     """The table (markdown and JSON) and the plot of the four arms."""
     command = "python labs/carflow_1d.py" + (" --learn-scale" if args.learn_scale else "")
     rows = []
@@ -209,8 +209,9 @@ def report(runs, args, seconds, load):
     baseline, shortest = exact_lengths()
     maps = ["mu0_0", "mu0_1", "mu1_0", "mu1_1", "contrast"] + (["s0_0", "s0_1", "s1_0", "s1_1"] if args.learn_scale else [])
     lines = [f"`{command}` ({args.steps} Adam steps of batch {args.batch}, lr {args.lr}; Euler ODE, 50 steps; "
-             f"{len(runs) // len(rows)} seeds, mean ± std; {seconds:.0f} s on {os.cpu_count()} CPU cores at load "
-             f"{load[0][0]:.1f} before, {load[1][0]:.1f} after (1-minute averages))", "",
+             f"{len(runs) // len(rows)} seeds, mean ± std; {cost['seconds']:.0f} s ({cost['cpu_seconds']:.0f} CPU s) on "
+             f"{cost['cores']} CPU cores at load {cost['loadavg_before'][0]:.1f} before, {cost['loadavg_after'][0]:.1f} "
+             "after (1-minute averages))", "",
              "| arm | trajectory length \\|z0 − z1\\| | the paper's (Table 2, ± 2σ) | W1 to the class Gaussians | loss | "
              + " | ".join(maps) + " |", "| --- " * (5 + len(maps)) + "|"]
     for row in rows:
@@ -229,8 +230,7 @@ def report(runs, args, seconds, load):
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(dict(command=command, args=vars(args), seconds=seconds, cores=os.cpu_count(),
-                       loadavg_before=load[0], loadavg_after=load[1], table=rows, exact_lengths=dict(
+        json.dump(dict(command=command, args=vars(args), **cost, table=rows, exact_lengths=dict(
             baseline=baseline, shortest=shortest), runs=runs), f, indent=1)
     keys = [("w1", "W1 to the class Gaussians", True), ("length", "trajectory length |z0 - z1|", False)]
     if args.learn_scale:
@@ -254,15 +254,14 @@ def main():
     p.add_argument("--workers", type=number(int, 1), default=6, help="runs trained at once, one process and thread each")
     p.add_argument("--out", default=os.path.join("labs", "results", "carflow_1d", "cpu"), help="where the outputs go")
     args = p.parse_args()
-    start, load = time.time(), [os.getloadavg()]
+    clock = common.Clock()  # a time under load is not an idle time: it records the load too
     jobs = [(arm, seed, args) for arm in (("joint",) if args.learn_scale else ARMS) for seed in range(args.seeds)]
     # The runs are independent: one process each, --workers at a time, one thread per process.
     with multiprocessing.get_context("spawn").Pool(args.workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
         runs = pool.starmap(train_arm, jobs)
     for run in runs:
         print(f"{run['arm']} seed {run['seed']}: {run['final']}")
-    load.append(os.getloadavg())  # 1, 5 and 15 minute averages: a time under load is not an idle time
-    report(runs, args, time.time() - start, load)
+    report(runs, args, clock.record())
 
 
 if __name__ == "__main__":

@@ -178,7 +178,8 @@ def test_carflow_1d_at_smoke_size_writes_the_paper_column_the_shift_panels_and_i
                               workers=1, out=str(tmp_path))
     runs = [lab.train_arm(arm, 0, args) for arm in lab.ARMS]
     assert [row["step"] for row in runs[-1]["curve"]] == [1, 2, 4] and "mu1_1" in runs[-1]["curve"][0]
-    lab.report(runs, args, 1.0, [(3.0, 2.0, 1.0), (4.0, 2.5, 1.2)])
+    lab.report(runs, args, dict(seconds=1.0, cpu_seconds=2.0, cores=2, loadavg_before=(3.0, 2.0, 1.0),
+                                loadavg_after=(4.0, 2.5, 1.2)))
     saved = json.loads((tmp_path / "arms.json").read_text())
     assert (saved["loadavg_before"], saved["loadavg_after"]) == ([3.0, 2.0, 1.0], [4.0, 2.5, 1.2])
     assert "| joint |" in (tmp_path / "arms.md").read_text() and "0.7121 ± 0.0011" in (tmp_path / "arms.md").read_text()
