@@ -209,9 +209,7 @@ def report(runs, args, cost):
     baseline, shortest = exact_lengths()
     maps = ["mu0_0", "mu0_1", "mu1_0", "mu1_1", "contrast"] + (["s0_0", "s0_1", "s1_0", "s1_1"] if args.learn_scale else [])
     lines = [f"`{command}` ({args.steps} Adam steps of batch {args.batch}, lr {args.lr}; Euler ODE, 50 steps; "
-             f"{len(runs) // len(rows)} seeds, mean ± std; {cost['seconds']:.0f} s ({cost['cpu_seconds']:.0f} CPU s) on "
-             f"{cost['cores']} CPU cores at load {cost['loadavg_before'][0]:.1f} before, {cost['loadavg_after'][0]:.1f} "
-             "after (1-minute averages))", "",
+             f"{len(runs) // len(rows)} seeds, mean ± std; {common.cost_line(cost)})", "",
              "| arm | trajectory length \\|z0 − z1\\| | the paper's (Table 2, ± 2σ) | W1 to the class Gaussians | loss | "
              + " | ".join(maps) + " |", "| --- " * (5 + len(maps)) + "|"]
     for row in rows:

@@ -185,9 +185,7 @@ def main(args):
                for mode, rows in sampler.items()]
     table_c.append(dict(samples="held-out real images (for scale)", **real_row))
     cost = clock.record()
-    header = (f"Closed-form flow matching, `{command}` (preset {args.device}: {p}); seeds {seeds}; {cost['seconds']:.0f} s, "
-              f"{cost['cpu_seconds']:.0f} CPU s on {cost['cores']} cores at load {cost['loadavg_before'][0]:.1f} before, "
-              f"{cost['loadavg_after'][0]:.1f} after.")
+    header = f"Closed-form flow matching, `{command}` (preset {args.device}: {p}); seeds {seeds}; {common.cost_line(cost)}."
     common.write_tables(table_a, list(table_a[0]), args.out, "results_a", header + "\n\n(a) target gap")
     common.write_tables(table_b, list(table_b[0]), args.out, "results_b", "(b) last evaluation of each target")
     common.write_tables(table_c, list(table_c[0]), args.out, "results_c", "(c) memorized fraction and quality")

@@ -52,6 +52,12 @@ class Clock:
                     cores=os.cpu_count(), loadavg_before=self.load, loadavg_after=os.getloadavg())
 
 
+def cost_line(cost):
+    """A Clock's record as the phrase the labs' tables quote."""
+    return (f"{cost['seconds']:.0f} s, {cost['cpu_seconds']:.0f} CPU s on {cost['cores']} cores at load "
+            f"{cost['loadavg_before'][0]:.1f} before, {cost['loadavg_after'][0]:.1f} after (1-minute averages)")
+
+
 def sample_checkpoint(path, num, steps, seed=0, device="cpu"):
     """num samples of a train.py checkpoint's EMA with sample.py's code: Euler on the ODE, `steps`
     steps, no guidance, noise from (seed, index), labels index mod classes -> (uint8 (N, 3, R, R),

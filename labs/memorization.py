@@ -165,9 +165,8 @@ def main(args):
     plot(args, runs, table, fit, quality_key, os.path.join(args.out, "memorization.png"))
     command = "python labs/memorization.py " + " ".join(sys.argv[1:])
     cost = clock.record()
-    header = (f"Memorization clock, `{command}` (preset {args.device}: {args.preset}; {cost['seconds']:.0f} s, "
-              f"{cost['cpu_seconds']:.0f} CPU s on {cost['cores']} cores at load {cost['loadavg_before'][0]:.1f} "
-              f"before, {cost['loadavg_after'][0]:.1f} after). tau_mem: first step with "
+    header = (f"Memorization clock, `{command}` (preset {args.device}: {args.preset}; {common.cost_line(cost)}). "
+              f"tau_mem: first step with "
               f"memorized fraction >= {MEM_LEVEL}; tau_gen: step of the best {quality_key}. Fit of tau_mem on n: {fit}")
     common.write_tables(table, ["n", "seeds", "steps", "tau_mem", "tau_mem_sd", "runs_memorizing", "tau_gen",
                                 "tau_gen_sd", "final_mem_frac", "final_mem_frac_sd", f"final_{quality_key}",

@@ -490,8 +490,7 @@ def main(args):
     markdown += "\nLinear probes on each teacher's class token (held out; chance: class 0.10, R² 0):\n\n" + \
         probe_markdown(probes) if all(probes.values()) else ""
     timing = clock.record()
-    markdown += (f"\n{timing['seconds']:.0f} s wall, {timing['cpu_seconds']:.0f} CPU-seconds on {timing['cores']} cores; "
-                 f"load average (1, 5, 15 min) before {timing['loadavg_before']}, after {timing['loadavg_after']}\n")
+    markdown += f"\n{common.cost_line(timing)}\n"
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"command": command, "scale": args.scale, "seeds": args.seeds, "final": final, "curves": results,
                    "probes": probes, "steering": steer, **timing}, f, indent=1)
