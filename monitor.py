@@ -124,7 +124,8 @@ class SampleGrid:
 
     def save(self, ema, path):
         args, device = self.args, self.x.device
-        z, _ = sample_sit(ema, self.x, self.y, self.cls if ema.cls_token else None, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
+        cls = self.cls if ema.cls_token else None  # a slot without input (--cls-target learned, latent-mean) takes none
+        z, _ = sample_sit(ema, self.x, self.y, cls, steps=args.sample_steps, cfg_scale=args.sample_cfg_scale,
                           path=args.path_type, generator=torch.Generator(device).manual_seed(args.seed),
                           autocast=amp_dtype(args.precision, device))
         save_grid(self.vae.decode(z.float() / self.dataset.scaling_factor), path, nrow=8)
